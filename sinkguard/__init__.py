@@ -1,0 +1,35 @@
+"""sinkguard: inference-time detection and control of attention sinks in served LLMs.
+
+Python API (offline)::
+
+    import sinkguard
+    result = sinkguard.scan(prompts=["..."])          # embedded model by default
+    profile, _ = sinkguard.calibrate(out="profile/")
+    profile = sinkguard.SinkProfile.load("profile/")
+"""
+
+from sinkguard._version import __version__
+from sinkguard.config import AttentionConfig, DetectorConfig, LifetimeRule, ScanConfig
+from sinkguard.core.detection import SinkEvent
+from sinkguard.errors import ConfigError, InputError, ModelLoadError, ProfileError, SinkguardError
+from sinkguard.profile import SinkProfile
+
+
+def scan(*args, **kwargs):
+    """See :func:`sinkguard.scan.scan` (imported lazily: loading torch models is slow)."""
+    from sinkguard.scan import scan as _scan
+
+    return _scan(*args, **kwargs)
+
+
+def calibrate(*args, **kwargs):
+    """See :func:`sinkguard.calibrate.calibrate`."""
+    from sinkguard.calibrate import calibrate as _calibrate
+
+    return _calibrate(*args, **kwargs)
+
+
+__all__ = [
+    "AttentionConfig", "ConfigError", "DetectorConfig", "InputError", "LifetimeRule", "ModelLoadError",
+    "ProfileError", "ScanConfig", "SinkEvent", "SinkProfile", "SinkguardError", "__version__", "calibrate", "scan",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from sinkguard.cli import main
+
+sys.exit(main())

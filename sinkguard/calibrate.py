@@ -1,0 +1,109 @@
+"""Calibration: turn a per-prompt scan into a :class:`~sinkguard.profile.SinkProfile`.
+
+The online detector cannot always see a request's own first token (prefix caching, decode
+steps), so the profile stores the reference's direction per layer averaged over calibration
+prompts. ``calibration.reference_consistency`` records how input-independent that direction is
+(min over prompts and window layers of the cosine with the mean), so an operator can see whether
+a stored reference is trustworthy for this model.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from sinkguard.config import ScanConfig
+from sinkguard.errors import InputError
+from sinkguard.profile import FormingLayer, SinkProfile, new_meta
+from sinkguard.prompts import Prompt
+from sinkguard.scan import ScanResult, scan
+
+
+def _unit_rows(x: np.ndarray) -> np.ndarray:
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def profile_from_scan(result: ScanResult) -> SinkProfile:
+    """Build a profile from a scan made with per-prompt references."""
+    if result.reference_mode != "prompt":
+        raise InputError("calibrate from a scan with per-prompt references, not one made with a profile")
+    references = Counter(p.detection.reference for p in result.prompts)
+    position = references.most_common(1)[0][0]
+    chosen = [p for p in result.prompts if p.detection.reference == position]
+    hidden = np.stack([p.trace.ref_hidden[position] for p in chosen])  # [P, L, d]
+    mlp = np.stack([p.trace.ref_mlp[position] for p in chosen])
+    direction = _unit_rows(_unit_rows(hidden).mean(axis=0))
+    mlp_direction = _unit_rows(_unit_rows(mlp).mean(axis=0))
+    consistency = np.einsum("pld,ld->pl", _unit_rows(hidden), direction)  # [P, L]
+    window = result.summary.window_layers
+
+    forming = []
+    for row in result.summary.forming_layers:
+        ratios = [e.mlp_norm_ratio for p in result.prompts for e in p.detection.events
+                  if e.kind == "secondary" and e.forming_layer == row["layer"] and not e.is_reference]
+        p10, p90 = np.percentile(ratios, [10, 90])
+        forming.append(FormingLayer(
+            layer=row["layer"], count=row["count"],
+            mlp_norm_ratio_median=row["mlp_norm_ratio_median"],
+            mlp_norm_ratio_p10=round(float(p10), 3), mlp_norm_ratio_p90=round(float(p90), 3),
+            mlp_cos_median=row["mlp_cos_median"],
+            alert_mlp_norm_ratio=round(max(3.0, 0.5 * float(p10)), 3),
+        ))
+
+    tensors = {
+        "reference_hidden": direction.astype(np.float32),
+        "reference_mlp": mlp_direction.astype(np.float32),
+        "reference_norm": np.linalg.norm(hidden, axis=-1).mean(axis=0).astype(np.float32),
+        "median_hidden_norm": np.mean([np.median(p.trace.hidden_norm, axis=1) for p in result.prompts], axis=0),
+        "median_mlp_norm": np.mean([np.median(p.trace.mlp_norm, axis=1) for p in result.prompts], axis=0),
+    }
+    sink_heads: list[tuple[int, int]] = []
+    summary = result.summary
+    if summary.head_secondary_score is not None:
+        tensors["head_secondary_score"] = np.nan_to_num(summary.head_secondary_score)
+        threshold = result.config.attention.sink_score_threshold
+        sink_heads = [(int(l), int(h)) for l, h in np.argwhere(tensors["head_secondary_score"] > threshold)]
+    if summary.head_primary_score is not None:
+        tensors["head_primary_score"] = np.nan_to_num(summary.head_primary_score)
+    tensors["primary_score"] = np.nan_to_num(np.asarray(summary.primary_score_by_layer, dtype=float))
+    tensors["secondary_score"] = np.nan_to_num(np.asarray(summary.secondary_score_by_layer, dtype=float))
+
+    in_window = consistency[:, window] if window else consistency
+    meta = new_meta(
+        model=result.model.to_dict(),
+        detector=result.config.detector,
+        attention=result.config.attention,
+        reference_position=position,
+        window_layers=window,
+        forming_layers=forming,
+        sink_levels=summary.sink_levels,
+        sink_heads=sink_heads,
+        calibration={
+            "num_prompts": summary.num_prompts,
+            "num_tokens": summary.num_tokens,
+            "prompts_with_reference": len(chosen),
+            "reference_consistency_min": round(float(in_window.min()), 4),
+            "reference_consistency_mean": round(float(in_window.mean()), 4),
+            "kinds": summary.kinds,
+            "add_bos": result.config.add_bos,
+        },
+    )
+    return SinkProfile(meta, {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()})
+
+
+def calibrate(
+    model=None,
+    prompts: Sequence[Prompt | str] | None = None,
+    config: ScanConfig | None = None,
+    out: Path | str | None = None,
+    progress: bool = True,
+) -> tuple[SinkProfile, ScanResult]:
+    """Scan calibration prompts and build (and optionally save) the model's sink profile."""
+    result = scan(model, prompts, config, progress=progress)
+    profile = profile_from_scan(result)
+    if out is not None:
+        profile.save(out)
+    return profile, result

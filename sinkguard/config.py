@@ -1,0 +1,129 @@
+"""Typed, validated settings shared by the scanner, the profile and (later) the online detector.
+
+One model per concern, every field documented, unknown keys rejected: a typo in a config file
+fails at startup with the field's name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import pydantic
+from pydantic import BaseModel, ConfigDict, Field
+
+from sinkguard.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LifetimeRule(_Strict):
+    """How a flagged token's lifetime (in layers) decides its kind.
+
+    The paper's code uses absolute numbers for 30-64 layer models (primary: lifetime >= L-15,
+    noise: lifetime <= 4). Those make no sense for an 18-layer model, so the default is relative
+    to the number of decoder layers L: primary when lifetime >= ``primary_min_fraction * L``,
+    noise when lifetime <= ``noise_max_fraction * L`` (at least 1 layer), secondary in between.
+    For L = 30 this gives primary >= 15 and noise <= 3; the paper's rule is ``preset='paper'``.
+    """
+
+    preset: Literal["relative", "paper"] = "relative"
+    """``relative`` (fractions of L, below) or ``paper`` (L-15 / 4, as in Wong et al.'s code)."""
+    primary_min_fraction: float = Field(0.5, gt=0.0, le=1.0)
+    """Fraction of the layers a token must stay flagged to count as a primary sink."""
+    noise_max_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Lifetimes up to this fraction of the layers are noise."""
+
+    def thresholds(self, num_layers: int) -> tuple[int, int]:
+        """Return ``(primary_min_lifetime, noise_max_lifetime)`` for a model with ``num_layers``."""
+        if self.preset == "paper":
+            primary = max(1, num_layers - 15)
+            noise = min(4, primary - 1)
+        else:
+            primary = max(1, math.ceil(self.primary_min_fraction * num_layers))
+            noise = min(max(1, math.floor(self.noise_max_fraction * num_layers)), primary - 1)
+        return primary, noise
+
+    def classify(self, lifetime: int, num_layers: int) -> Literal["primary", "secondary", "noise"]:
+        primary, noise = self.thresholds(num_layers)
+        if lifetime >= primary:
+            return "primary"
+        if lifetime <= noise:
+            return "noise"
+        return "secondary"
+
+
+class DetectorConfig(_Strict):
+    """The hidden-state sink detector (Wong et al. 2025), engine independent."""
+
+    cos_threshold: float = Field(0.9, gt=0.0, lt=1.0)
+    """A token is flagged at a layer when |cos(h_t, h_ref)| exceeds this."""
+    reference_candidates: int = Field(3, ge=1, le=8)
+    """The reference primary sink is the one of the first N positions with the largest mean norm."""
+    window_rule: Literal["norm_ratio", "paper"] = "norm_ratio"
+    """Active-window rule. ``norm_ratio``: layers where the reference's hidden-state norm is at
+    least ``window_min_norm_ratio`` x the median token's (the reference is an outlier there, so
+    alignment with it means something). ``paper``: from the layer after the reference's largest
+    norm jump to the layer after the largest following drop; on SmolLM2 it starts at layer 11,
+    after every secondary sink has ended, so it is offered for comparison only."""
+    window_min_norm_ratio: float = Field(2.0, gt=1.0)
+    """Minimum reference/median norm ratio for a layer to be inside the ``norm_ratio`` window."""
+    lifetime: LifetimeRule = LifetimeRule()
+    """Lifetime thresholds that separate primary, secondary and noise."""
+    formation_lookback: int = Field(1, ge=0, le=4)
+    """The forming MLP is searched in layers [birth - lookback, birth]."""
+
+
+class AttentionConfig(_Strict):
+    """The attention-based sink score (mean attention a key receives from later queries)."""
+
+    enabled: bool = True
+    """Compute attention sink scores (costs one chunked attention pass per layer)."""
+    min_votes: int = Field(16, ge=1)
+    """A key needs at least this many queries (itself included) before its score is reported."""
+    query_chunk: int = Field(512, ge=16)
+    """Queries processed at once; memory grows like heads x chunk x T per layer."""
+    sink_score_threshold: float = Field(0.1, gt=0.0, lt=1.0)
+    """A key is counted as an attention sink at a layer when its score exceeds this."""
+
+
+class ScanConfig(_Strict):
+    """Everything a scan needs besides the model and prompts."""
+
+    detector: DetectorConfig = DetectorConfig()
+    attention: AttentionConfig = AttentionConfig()
+    add_bos: bool = True
+    """Prepend the tokenizer's BOS token when the tokenizer does not add one itself."""
+    max_tokens: int | None = Field(None, ge=2)
+    """Truncate prompts to this many tokens (``None``: refuse prompts longer than the context)."""
+
+
+def load_config(path: Path | str | None, **overrides: Any) -> ScanConfig:
+    """Read a ScanConfig from a JSON file plus overrides; errors name the offending field."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        import json
+
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"config file not found: {path}") from exc
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    data.update({k: v for k, v in overrides.items() if v is not None})
+    return validate_config(ScanConfig, data)
+
+
+def validate_config(model: type[_Strict], data: Any) -> Any:
+    """Validate ``data`` into ``model``; raise ConfigError naming each bad field."""
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid {model.__name__}: {problems}") from None
+

@@ -1,0 +1,82 @@
+"""transformers adapter for attention: a registered ``AttentionInterface`` implementation.
+
+``attn_implementation="sinkguard"`` routes every attention layer through here. While an
+:class:`AttentionRecorder` is active (a context variable, so concurrent scans do not mix), the
+layer runs :func:`~sinkguard.core.attention.attention_with_received_mass` and hands the received
+mass to the recorder; otherwise it defers to SDPA, so a model loaded this way behaves exactly
+like a normal one outside a scan.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from sinkguard.core.attention import attention_with_received_mass, sink_scores_from_received
+
+ATTENTION_IMPLEMENTATION = "sinkguard"
+
+
+class AttentionRecorder:
+    """Collects per-layer, per-head sink scores ``[H, T]`` for one sequence."""
+
+    def __init__(self, num_layers: int, min_votes: int, chunk: int) -> None:
+        self.min_votes = min_votes
+        self.chunk = chunk
+        self.head_scores: list[torch.Tensor | None] = [None] * num_layers
+
+    def record(self, layer: int, received: torch.Tensor) -> None:
+        self.head_scores[layer] = sink_scores_from_received(received[0], self.min_votes)
+
+    def stacked(self) -> torch.Tensor:
+        missing = [i for i, s in enumerate(self.head_scores) if s is None]
+        if missing:
+            raise RuntimeError(f"attention was not recorded for layers {missing}")
+        return torch.stack([s for s in self.head_scores if s is not None])
+
+
+_active: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar(
+    "sinkguard_attention_recorder", default=None
+)
+
+
+@contextmanager
+def recording(recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
+    token = _active.set(recorder)
+    try:
+        yield recorder
+    finally:
+        _active.reset(token)
+
+
+def sinkguard_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    recorder = _active.get()
+    if recorder is None or query.shape[2] != key.shape[2]:
+        # Not scanning, or decoding with a cache: plain SDPA.
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
+                                      dropout=dropout, **kwargs)
+    if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
+        raise NotImplementedError("sinkguard's scanning attention does not support sliding-window layers yet")
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    output, received = attention_with_received_mass(query, key, value, scale, chunk=recorder.chunk)
+    recorder.record(module.layer_idx, received)
+    # transformers expects [B, T, H, d] from attention functions.
+    return output.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register(ATTENTION_IMPLEMENTATION, sinkguard_attention_forward)

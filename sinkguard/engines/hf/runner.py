@@ -1,0 +1,171 @@
+"""transformers adapter: load a causal LM and record one sequence's trace, layer by layer.
+
+Forward hooks on each decoder layer and its MLP reduce the layer's output to the statistics of
+:func:`~sinkguard.core.trace.layer_statistics` as soon as it is produced, so the run never
+holds more than one layer's ``T x hidden`` activations beyond what the model itself keeps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sinkguard.config import AttentionConfig
+from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
+from sinkguard.core.trace import LayerStatistics, SequenceTrace, layer_statistics, stack_layers
+from sinkguard.engines.hf.attention import ATTENTION_IMPLEMENTATION, AttentionRecorder, recording
+from sinkguard.errors import InputError, ModelLoadError
+from sinkguard.models import ResolvedModel, resolve_model
+
+
+def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The decoder layers of a causal LM, or a ModelLoadError naming what is missing."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None and inner is not None:  # multimodal wrappers: model.model.language_model.layers
+        layers = getattr(getattr(inner, "language_model", None), "layers", None)
+    arch = type(model).__name__
+    if layers is None or len(layers) == 0:
+        raise ModelLoadError(f"unsupported architecture {arch}: no decoder layers at model.model.layers")
+    for name in ("mlp", "self_attn"):
+        if not hasattr(layers[0], name):
+            raise ModelLoadError(f"unsupported architecture {arch}: decoder layers have no `{name}`")
+    return layers
+
+
+@dataclass
+class HFSinkModel:
+    """A transformers causal LM prepared for sink scanning."""
+
+    model: Any
+    tokenizer: Any
+    source: ResolvedModel
+    info: ModelInfo
+
+    @classmethod
+    def load(cls, spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> HFSinkModel:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        source = resolve_model(spec)
+        try:
+            config = AutoConfig.from_pretrained(source.path)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot read the config of {source.path}: {exc}") from exc
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.path)
+            model = AutoModelForCausalLM.from_pretrained(
+                source.path, dtype=dtype, attn_implementation=ATTENTION_IMPLEMENTATION
+            )
+        except ValueError as exc:
+            if "Unrecognized" in str(exc) or "not supported" in str(exc):
+                raise ModelLoadError(
+                    f"unsupported architecture in {source.path} ({getattr(config, 'architectures', None)}): {exc}"
+                ) from exc
+            raise ModelLoadError(f"could not load model from {source.path}: {exc}") from exc
+        except Exception as exc:  # corrupt safetensors, missing shards, ...
+            raise ModelLoadError(f"could not load model from {source.path}: {exc}") from exc
+        model.eval()
+        layers = _decoder_layers(model)
+        norms = [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
+        info = model_info_from_config(model.config, type(model).__name__, source.name, norms, len(layers))
+        return cls(model=model, tokenizer=tokenizer, source=source, info=info)
+
+    @property
+    def layers(self) -> torch.nn.ModuleList:
+        return _decoder_layers(self.model)
+
+    @property
+    def context_length(self) -> int:
+        return int(getattr(self.model.config, "max_position_embeddings", 0) or 1 << 30)
+
+    def tokenize(self, text: str, add_bos: bool = True) -> list[int]:
+        ids = list(self.tokenizer(text, add_special_tokens=True).input_ids)
+        bos = self.tokenizer.bos_token_id
+        if add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+        return ids
+
+    def decode_tokens(self, token_ids: list[int]) -> list[str]:
+        return [self.tokenizer.decode([t]) for t in token_ids]
+
+    @torch.inference_mode()
+    def trace(
+        self,
+        token_ids: list[int],
+        attention: AttentionConfig | None = None,
+        reference_candidates: int = 3,
+        reference_directions: torch.Tensor | None = None,
+    ) -> SequenceTrace:
+        """Run one sequence and return its per-layer statistics.
+
+        ``reference_directions`` [L, d] (from a profile) replaces the per-prompt reference
+        candidates (the first ``reference_candidates`` positions' own hidden states).
+        """
+        if len(token_ids) < 2:
+            raise InputError("a prompt needs at least 2 tokens to have sinks")
+        if len(token_ids) > self.context_length:
+            raise InputError(
+                f"prompt has {len(token_ids)} tokens, more than the model's context of {self.context_length}; "
+                "shorten it or set max_tokens to truncate"
+            )
+        layers = self.layers
+        num_refs = min(reference_candidates, len(token_ids))
+        per_layer: list[LayerStatistics | None] = [None] * len(layers)
+        ref_hidden: list[torch.Tensor | None] = [None] * len(layers)
+        ref_mlp: list[torch.Tensor | None] = [None] * len(layers)
+        mlp_outputs: dict[int, torch.Tensor] = {}
+
+        def on_mlp(index: int):
+            def hook(_module: torch.nn.Module, _args: Any, output: torch.Tensor) -> None:
+                mlp_outputs[index] = output[0]
+
+            return hook
+
+        def on_layer(index: int):
+            def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+                hidden = (output[0] if isinstance(output, tuple) else output)[0]
+                mlp_out = mlp_outputs.pop(index)
+                if reference_directions is not None:
+                    refs = reference_directions[index : index + 1].to(hidden.dtype)
+                else:
+                    refs = hidden[:num_refs]
+                per_layer[index] = layer_statistics(hidden, mlp_out, refs)
+                ref_hidden[index] = hidden[:num_refs].float().clone()
+                ref_mlp[index] = mlp_out[:num_refs].float().clone()
+
+            return hook
+
+        handles = []
+        try:
+            for i, layer in enumerate(layers):
+                handles.append(layer.mlp.register_forward_hook(on_mlp(i)))
+                handles.append(layer.register_forward_hook(on_layer(i)))
+            input_ids = torch.tensor([token_ids], dtype=torch.long)
+            recorder = None
+            if attention is not None and attention.enabled:
+                recorder = AttentionRecorder(len(layers), attention.min_votes, attention.query_chunk)
+                with recording(recorder):
+                    self._forward(input_ids)
+            else:
+                self._forward(input_ids)
+        finally:
+            for handle in handles:
+                handle.remove()
+        stats = stack_layers([s for s in per_layer if s is not None])
+        return SequenceTrace(
+            token_ids=list(token_ids),
+            ref_hidden=torch.stack(ref_hidden, dim=1).numpy(),  # type: ignore[arg-type]
+            ref_mlp=torch.stack(ref_mlp, dim=1).numpy(),  # type: ignore[arg-type]
+            head_scores=recorder.stacked().numpy() if recorder is not None else None,
+            reference_from_profile=reference_directions is not None,
+            **stats,
+        )
+
+    def _forward(self, input_ids: torch.Tensor) -> None:
+        # Only the decoder stack is needed: skipping the LM head saves T x vocab floats.
+        base = getattr(self.model, "model", self.model)
+        base(input_ids=input_ids, use_cache=False)
+

@@ -1,0 +1,126 @@
+"""Prompt sources for scans and calibration: JSONL files, plain-text corpora, a built-in set.
+
+The built-in set is cut from English text that every machine of ours has: the licence texts
+Debian ships in ``/usr/share/common-licenses`` and CPython's own ``LICENSE.txt``, falling back to
+standard-library docstrings. No download, no hub.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from sinkguard.errors import InputError
+
+COMMON_LICENSES = Path("/usr/share/common-licenses")
+DEFAULT_LICENSES = ("GPL-3", "Apache-2.0", "LGPL-2.1", "MPL-2.0", "GFDL-1.3", "Artistic", "GPL-2", "BSD")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One input sequence: text, or token ids already cut from a corpus."""
+
+    text: str | None = None
+    token_ids: tuple[int, ...] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if self.text is None and self.token_ids is None:
+            raise InputError("a prompt needs text or token ids")
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError as exc:
+        raise InputError(f"file not found: {path}") from exc
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8 first") from exc
+    except IsADirectoryError as exc:
+        raise InputError(f"{path} is a directory, expected a file") from exc
+
+
+def load_jsonl(path: Path | str) -> list[Prompt]:
+    """Prompts from a JSONL file with a non-empty ``text`` string per line (blank lines skipped)."""
+    path = Path(path)
+    prompts: list[Prompt] = []
+    for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+        text = record.get("text") if isinstance(record, dict) else None
+        if not isinstance(text, str):
+            raise InputError(f"{path}:{number}: each line needs a string field 'text'")
+        if not text.strip():
+            raise InputError(f"{path}:{number}: empty prompt; remove the line or give it text")
+        prompts.append(Prompt(text=text, source=f"{path.name}:{number}"))
+    if not prompts:
+        raise InputError(f"{path} contains no prompts")
+    return prompts
+
+
+def chunk_corpus(
+    texts: Iterable[tuple[str, str]], tokenize: Callable[[str], list[int]], tokens: int, limit: int | None
+) -> list[Prompt]:
+    """Cut (name, text) documents into prompts of ``tokens`` token ids each."""
+    prompts: list[Prompt] = []
+    for name, text in texts:
+        ids = tokenize(text)
+        for start in range(0, len(ids) - tokens + 1, tokens):
+            prompts.append(Prompt(token_ids=tuple(ids[start : start + tokens]), source=f"{name}@{start}"))
+            if limit is not None and len(prompts) >= limit:
+                return prompts
+    return prompts
+
+
+def load_corpus(
+    path: Path | str, tokenize: Callable[[str], list[int]], tokens: int, limit: int | None = None
+) -> list[Prompt]:
+    """Prompts cut from a text file, or from every ``*.txt`` file in a folder."""
+    path = Path(path)
+    files = sorted(path.glob("*.txt")) if path.is_dir() else [path]
+    if not files:
+        raise InputError(f"{path} has no .txt files")
+    prompts = chunk_corpus(((f.name, _read_utf8(f)) for f in files), tokenize, tokens, limit)
+    if not prompts:
+        raise InputError(f"{path} holds fewer than {tokens} tokens of text")
+    return prompts
+
+
+def _builtin_documents() -> Iterable[tuple[str, str]]:
+    for name in DEFAULT_LICENSES:
+        file = COMMON_LICENSES / name
+        if file.is_file():
+            yield name, file.read_text(encoding="utf-8", errors="replace")
+    license_txt = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if license_txt.is_file():
+        yield "python-LICENSE", license_txt.read_text(encoding="utf-8", errors="replace")
+    import argparse, collections, json as json_module, logging, pathlib, subprocess, typing  # noqa: E401
+
+    for module in (argparse, collections, json_module, logging, pathlib, subprocess, typing):
+        yield module.__name__, module.__doc__ or ""
+
+
+def default_prompts(tokenize: Callable[[str], list[int]], count: int = 8, tokens: int = 256) -> list[Prompt]:
+    """``count`` prompts of ``tokens`` tokens from the built-in documents.
+
+    Documents are visited round-robin (one chunk from each in turn) so a small set still spans
+    several texts.
+    """
+    per_doc = [chunk_corpus([doc], tokenize, tokens, None) for doc in _builtin_documents()]
+    prompts: list[Prompt] = []
+    depth = 0
+    while len(prompts) < count and any(depth < len(chunks) for chunks in per_doc):
+        for chunks in per_doc:
+            if depth < len(chunks) and len(prompts) < count:
+                prompts.append(chunks[depth])
+        depth += 1
+    if not prompts:
+        raise InputError("no built-in text found to build default prompts; pass --prompts")
+    return prompts

@@ -1,0 +1,214 @@
+"""The offline scanner: prompts in, sinks per prompt and model-level sink statistics out.
+
+    from sinkguard import scan
+    result = scan(prompts=["The cat sat on the mat."])
+    result.save("runs/scan")            # report.json + figures
+    result.prompts[0].detection.events  # SinkEvent list
+
+Per prompt, one forward pass records the trace (hidden-state statistics and, optionally,
+attention sink scores, see :mod:`sinkguard.engines.hf`); the engine-independent detector then
+finds the reference, the active window and every flagged token.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from sinkguard._version import __version__
+from sinkguard.config import ScanConfig
+from sinkguard.core.aggregate import ModelSummary, PromptResult, summarize
+from sinkguard.core.detection import Detection, detect_in_trace
+from sinkguard.core.fingerprint import ModelInfo
+from sinkguard.core.trace import SequenceTrace
+from sinkguard.errors import InputError
+from sinkguard.prompts import Prompt, default_prompts
+
+if TYPE_CHECKING:
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.profile import SinkProfile
+
+REPORT_SCHEMA = "sinkguard.scan"
+REPORT_SCHEMA_VERSION = 1
+
+
+@dataclass
+class PromptScan:
+    """One scanned prompt: its tokens, trace and detection."""
+
+    index: int
+    source: str
+    token_ids: list[int]
+    tokens: list[str]
+    trace: SequenceTrace
+    detection: Detection
+
+    @property
+    def as_result(self) -> PromptResult:
+        return PromptResult(self.detection, self.tokens, self.trace.sink_scores, self.trace.head_scores)
+
+    def to_dict(self) -> dict[str, Any]:
+        events = [_clean(e.to_dict()) for e in self.detection.events]
+        counts = {k: sum(1 for e in self.detection.events if e.kind == k and not e.is_reference)
+                  for k in ("primary", "secondary", "noise")}
+        return {
+            "index": self.index,
+            "source": self.source,
+            "num_tokens": len(self.token_ids),
+            "reference_position": self.detection.reference,
+            "window_layers": self.detection.window_layers,
+            "reference_norm_ratio": [round(float(x), 3) for x in self.detection.norm_ratio],
+            "sink_counts": counts,
+            "sinks": events,
+        }
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe: NaN/inf -> None, numpy scalars -> Python, floats rounded."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, (float, np.floating)):
+        return None if not math.isfinite(float(value)) else round(float(value), 6)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+@dataclass
+class ScanResult:
+    """Everything one scan produced; ``to_report()`` is the versioned JSON document."""
+
+    model: ModelInfo
+    model_path: str
+    config: ScanConfig
+    prompts: list[PromptScan]
+    summary: ModelSummary
+    reference_mode: str
+
+    def to_report(self) -> dict[str, Any]:
+        primary_min, noise_max = self.config.detector.lifetime.thresholds(self.model.num_layers)
+        return _clean({
+            "schema": REPORT_SCHEMA,
+            "schema_version": REPORT_SCHEMA_VERSION,
+            "sinkguard_version": __version__,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "model": {**self.model.to_dict(), "path": self.model_path},
+            "config": self.config.model_dump(),
+            "reference_mode": self.reference_mode,
+            "lifetime_thresholds": {"primary_min_lifetime": primary_min, "noise_max_lifetime": noise_max},
+            "summary": self.summary.to_dict(),
+            "prompts": [p.to_dict() for p in self.prompts],
+        })
+
+    def save(self, out_dir: Path | str, figures: bool = True) -> list[Path]:
+        """Write ``report.json`` (and the figures) into ``out_dir``; return the written paths."""
+        import json
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        report_path = out / "report.json"
+        report_path.write_text(json.dumps(self.to_report(), indent=1, ensure_ascii=False))
+        written = [report_path]
+        if figures:
+            from sinkguard.figures import write_scan_figures
+
+            written += write_scan_figures(self, out)
+        return written
+
+
+def prompt_token_ids(model: HFSinkModel, prompt: Prompt | str, config: ScanConfig) -> list[int]:
+    """Token ids for a prompt: tokenised text or given ids, BOS-prefixed, length-checked."""
+    if isinstance(prompt, str):
+        prompt = Prompt(text=prompt)
+    if prompt.text is not None:
+        if not prompt.text.strip():
+            raise InputError(f"empty prompt{' (' + prompt.source + ')' if prompt.source else ''}")
+        ids = model.tokenize(prompt.text, add_bos=config.add_bos)
+    else:
+        ids = list(prompt.token_ids or ())
+        bos = model.tokenizer.bos_token_id
+        if config.add_bos and bos is not None and (not ids or ids[0] != bos):
+            ids = [bos, *ids]
+    if config.max_tokens is not None:
+        ids = ids[: config.max_tokens]
+    return ids
+
+
+def scan_prompt(
+    model: HFSinkModel,
+    token_ids: list[int],
+    config: ScanConfig,
+    profile: SinkProfile | None = None,
+    index: int = 0,
+    source: str = "",
+) -> PromptScan:
+    """Trace and detect one prompt (per-prompt reference, or the profile's when given)."""
+    detector = config.detector
+    if profile is None:
+        trace = model.trace(token_ids, config.attention, reference_candidates=detector.reference_candidates)
+        detection = detect_in_trace(trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos, detector)
+    else:
+        trace = model.trace(token_ids, config.attention, reference_directions=profile.reference_hidden_tensor())
+        detection = detect_in_trace(
+            trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos, detector,
+            reference=profile.reference_position, window=profile.window_mask(),
+            mlp_median=profile.median_mlp_norm,
+        )
+    tokens = model.decode_tokens(token_ids)
+    scores = trace.sink_scores
+    for event in detection.events:
+        event.token_id = token_ids[event.position]
+        event.token = tokens[event.position]
+        if scores is not None and not np.all(np.isnan(scores[:, event.position])):
+            layer = int(np.nanargmax(scores[:, event.position]))
+            event.peak_score_layer = layer
+            event.peak_sink_score = float(scores[layer, event.position])
+    return PromptScan(index, source, token_ids, tokens, trace, detection)
+
+
+def scan(
+    model: HFSinkModel | str | Path | None = None,
+    prompts: Sequence[Prompt | str] | None = None,
+    config: ScanConfig | None = None,
+    profile: SinkProfile | None = None,
+    progress: bool = True,
+) -> ScanResult:
+    """Scan ``prompts`` (default: the built-in set) on ``model`` (default: the embedded model)."""
+    from sinkguard.engines.hf.runner import HFSinkModel
+
+    config = config or ScanConfig()
+    if not isinstance(model, HFSinkModel):
+        model = HFSinkModel.load(model)
+    if profile is not None:
+        profile.check_model(model.info)
+    if prompts is None:
+        prompts = default_prompts(lambda t: model.tokenize(t, add_bos=False))
+    if not prompts:
+        raise InputError("no prompts to scan")
+    prepared = [prompt_token_ids(model, p, config) for p in prompts]
+    sources = [p.source if isinstance(p, Prompt) else f"prompt {i}" for i, p in enumerate(prompts)]
+    scans: list[PromptScan] = []
+    indices: Sequence[int] = range(len(prepared))
+    if progress and len(prepared) > 1:
+        from rich.progress import track
+
+        indices = track(indices, description=f"scanning {len(prepared)} prompts", transient=True)
+    for i in indices:
+        scans.append(scan_prompt(model, prepared[i], config, profile, i, sources[i]))
+    summary = summarize([s.as_result for s in scans], model.info.num_layers)
+    return ScanResult(
+        model=model.info,
+        model_path=str(model.source.path),
+        config=config,
+        prompts=scans,
+        summary=summary,
+        reference_mode="profile" if profile is not None else "prompt",
+    )
