@@ -107,3 +107,30 @@ def calibrate(
     if out is not None:
         profile.save(out)
     return profile, result
+
+
+def profile_for_model(model_spec: str | Path | None, profile_path: Path | str | None = None) -> tuple[Path, SinkProfile]:
+    """The profile to serve ``model_spec`` with: the given one (validated against the checkpoint's
+    weights), or one calibrated on the fly and cached under ``$SINKGUARD_CACHE/profiles``."""
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.errors import ProfileError
+    from sinkguard.models import cache_dir, checkpoint_fingerprint, resolve_model
+    from sinkguard.prompts import default_prompts
+
+    resolved = resolve_model(model_spec)
+    fingerprint = checkpoint_fingerprint(resolved.path)
+    if profile_path is not None:
+        profile = SinkProfile.load(profile_path)
+        if profile.model.fingerprint != fingerprint:
+            raise ProfileError(f"profile {profile_path} was calibrated on {profile.model.name}, not on the weights "
+                               f"in {resolved.path} (fingerprint {profile.model.fingerprint[:16]} vs {fingerprint[:16]})")
+        return Path(profile_path), profile
+    folder = cache_dir() / "profiles" / f"{resolved.name}-{fingerprint[:12]}"
+    try:
+        return folder, SinkProfile.load(folder)
+    except ProfileError:
+        pass
+    model = HFSinkModel.load(resolved.path)
+    prompts = default_prompts(lambda t: model.tokenize(t, add_bos=False), count=16, tokens=256)
+    profile, _ = calibrate(model, prompts, out=folder, progress=False)
+    return folder, profile

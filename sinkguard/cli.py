@@ -144,31 +144,54 @@ def show_profile(path: Annotated[Path, typer.Argument(help="Profile folder.")]) 
     print_profile_summary(SinkProfile.load(path), console)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def serve(
+    ctx: typer.Context,
+    model: ModelOption = None,
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="Sink profile folder (default: calibrate the model on the fly, cached).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="JSON ServeConfig (profile, store sizes, metrics).")] = None,
+    host: Annotated[str, typer.Option("--host", help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to bind.")] = 8000,
+) -> None:
+    """Start vLLM's OpenAI-compatible server with online sink detection.
+
+    Arguments after the options go to vLLM unchanged (e.g. --max-model-len 2048,
+    --tensor-parallel-size 2). sinkguard adds --enforce-eager and --no-enable-prefix-caching.
+    """
+    from sinkguard.calibrate import profile_for_model
+    from sinkguard.config import ServeConfig, load_serve_config
+    from sinkguard.engines.vllm.server import RunningServer, prepare_launch
+    from sinkguard.models import resolve_model
+
+    resolved = resolve_model(model)
+    settings = load_serve_config(config) if config is not None else None
+    profile_path, _ = profile_for_model(resolved.path, profile or (settings.profile if settings else None))
+    settings = (settings or ServeConfig(profile=str(profile_path))).model_copy(update={"profile": str(profile_path)})
+    launch = prepare_launch(resolved.path, settings, resolved.name, host=host, port=port, extra_args=list(ctx.args))
+    console.print(f"serving {resolved.name} with sinkguard (profile {profile_path}) at {launch.base_url}; "
+                  f"log: {launch.workdir / 'server.log'}")
+    server = RunningServer(launch)
+    try:
+        server.wait_ready()
+        console.print("ready: POST /v1/completions, GET /sinkguard/requests/<response id>, GET /metrics")
+        server.process.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.stop()
+
+
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the profile, report and figures.")] = Path("runs/demo"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the profile, report, figures and server log.")] = Path("runs/demo"),
     num_prompts: NumPromptsOption = 12,
     tokens: TokensOption = 256,
+    serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also serve with vLLM and send requests.")] = True,
 ) -> None:
-    """The main job end to end on the embedded model: pull, calibrate, scan, report, figures."""
-    from sinkguard.calibrate import profile_from_scan
-    from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.scan import scan as run_scan
-    from sinkguard.terminal import print_profile_summary, print_scan_summary
+    """The main job end to end on the embedded model: scan, calibrate, serve, query, report."""
+    from sinkguard.demo import run_demo
 
-    console.rule("1/3 embedded model")
-    hf_model = HFSinkModel.load(None)
-    console.print(f"{hf_model.info.name} at {hf_model.source.path}")
-    console.rule("2/3 scan")
-    prompt_list = _load_prompts(hf_model, None, None, num_prompts, tokens)
-    result = run_scan(hf_model, prompt_list)
-    written = result.save(out / "scan")
-    print_scan_summary(result, console)
-    console.rule("3/3 calibrate")
-    profile = profile_from_scan(result)
-    profile.save(out / "profile")
-    print_profile_summary(profile, console)
-    console.print(f"wrote {out / 'profile'} and " + ", ".join(str(p) for p in written))
+    run_demo(out, num_prompts, tokens, console, serve=serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -127,3 +127,66 @@ def validate_config(model: type[_Strict], data: Any) -> Any:
         )
         raise ConfigError(f"invalid {model.__name__}: {problems}") from None
 
+
+
+REQUEST_OPTION_PREFIX = "sinkguard_"
+
+
+class RequestOptions(_Strict):
+    """Per-request sinkguard settings, sent as ``vllm_xargs`` (``SamplingParams.extra_args``).
+
+    Keys carry the ``sinkguard_`` prefix on the wire (``{"vllm_xargs": {"sinkguard_detect":
+    false}}``) because vLLM's ``vllm_xargs`` is a flat map of scalars. The API server validates
+    them (HTTP 400 on error) and the worker parses them with the same :meth:`from_extra_args`.
+    """
+
+    detect: bool = True
+    """Record sink events for this request (the detector always runs batch-wide; this keeps or
+    drops the request's events and metrics)."""
+    max_events: int = Field(256, ge=0, le=65536)
+    """Keep at most this many events for the request (the rest are counted as dropped)."""
+
+    @classmethod
+    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestOptions:
+        """Parse the ``sinkguard_*`` keys of ``extra_args``; ConfigError names a bad key."""
+        fields: dict[str, Any] = {}
+        for key, value in (extra_args or {}).items():
+            if key.startswith(REQUEST_OPTION_PREFIX):
+                fields[key[len(REQUEST_OPTION_PREFIX):]] = value
+        try:
+            return cls.model_validate(fields)
+        except pydantic.ValidationError as exc:
+            problems = "; ".join(
+                f"vllm_xargs.{REQUEST_OPTION_PREFIX}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                for err in exc.errors()
+            )
+            raise ConfigError(f"invalid sinkguard request option: {problems}") from None
+
+
+class ServeConfig(_Strict):
+    """Settings of the vLLM plugin, read once per process from ``$SINKGUARD_CONFIG`` (JSON)."""
+
+    profile: str
+    """Sink profile folder (``sinkguard calibrate`` output) for the served model."""
+    enabled: bool = True
+    """Install the detector (False keeps the plugin inert, e.g. to measure its absence)."""
+    max_finished_requests: int = Field(4096, ge=1)
+    """Finished requests whose events stay available for lookup (oldest dropped first)."""
+    max_events_per_request: int = Field(1024, ge=1)
+    """Upper bound on a request's ``sinkguard_max_events``."""
+    metrics: bool = True
+    """Export ``sinkguard:`` Prometheus metrics (needs PROMETHEUS_MULTIPROC_DIR in a server)."""
+    model_name: str | None = None
+    """``model_name`` label of the metrics (default: the profile's model name)."""
+
+
+def load_serve_config(path: Path | str) -> ServeConfig:
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"sinkguard serve config not found: {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"sinkguard serve config {path} is not valid JSON: {exc}") from exc
+    return validate_config(ServeConfig, data)

@@ -181,3 +181,26 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> ResolvedModel:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path} is not an HF model folder: config.json is missing")
     return ResolvedModel(path.resolve(), path.resolve().name)
+
+
+def checkpoint_norm_weights(folder: Path) -> list[tuple[str, "object"]]:
+    """The norm weights stored in an HF folder's safetensors files, read without loading the model."""
+    from safetensors import safe_open
+
+    weights = []
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for name in handle.keys():
+                if name.endswith("norm.weight"):
+                    weights.append((name, handle.get_tensor(name)))
+    return weights
+
+
+def checkpoint_fingerprint(folder: Path) -> str:
+    """The weights fingerprint (see core.fingerprint) straight from the checkpoint files."""
+    from sinkguard.core.fingerprint import weights_fingerprint
+
+    weights = checkpoint_norm_weights(folder)
+    if not weights:
+        raise ModelLoadError(f"{folder} has no safetensors files with norm weights to fingerprint")
+    return weights_fingerprint(weights)  # type: ignore[arg-type]

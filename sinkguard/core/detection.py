@@ -186,6 +186,33 @@ class Detection:
         return [int(i) for i in np.flatnonzero(self.window)]
 
 
+def detect_columns(
+    hidden_cos: np.ndarray,
+    mlp_norm: np.ndarray,
+    mlp_cos: np.ndarray,
+    window: np.ndarray,
+    mlp_median: np.ndarray,
+    config: DetectorConfig,
+    positions: np.ndarray | None = None,
+    reference: int | None = None,
+    num_layers: int | None = None,
+) -> list[SinkEvent]:
+    """Flag, detect, classify and attribute formation for N tokens against one reference.
+
+    ``hidden_cos``, ``mlp_norm``, ``mlp_cos`` are [L, N]: a whole prompt offline, or the tokens
+    of one engine step online. This is the single place both paths go through.
+    """
+    flags = flag_matrix(hidden_cos, window, config.cos_threshold)
+    events = detect_sinks(flags, window, config, num_layers=num_layers, positions=positions)
+    columns = None
+    if positions is not None:
+        columns = {int(p): i for i, p in enumerate(positions)}
+    attribute_formation(events, mlp_norm, mlp_cos, mlp_median, config.formation_lookback, columns)
+    for event in events:
+        event.is_reference = event.position == reference
+    return events
+
+
 def detect_in_trace(
     hidden_norm: np.ndarray,
     hidden_cos: np.ndarray,
@@ -211,11 +238,7 @@ def detect_in_trace(
     norm_ratio = reference_norm_ratio(hidden_norm, reference)
     if window is None:
         window = active_window(norm_ratio, hidden_norm[:, reference], config)
-    flags = flag_matrix(hidden_cos[row], window, config.cos_threshold)
-    events = detect_sinks(flags, window, config)
     if mlp_median is None:
         mlp_median = np.median(mlp_norm, axis=1)
-    attribute_formation(events, mlp_norm, mlp_cos[row], mlp_median, config.formation_lookback)
-    for event in events:
-        event.is_reference = event.position == reference
+    events = detect_columns(hidden_cos[row], mlp_norm, mlp_cos[row], window, mlp_median, config, reference=reference)
     return Detection(reference=reference, norm_ratio=norm_ratio, window=window, events=events)

@@ -29,16 +29,17 @@ def _unit(x: torch.Tensor) -> torch.Tensor:
 
 
 def layer_statistics(
-    hidden: torch.Tensor, mlp_out: torch.Tensor, references: torch.Tensor
+    hidden: torch.Tensor, mlp_out: torch.Tensor, references: torch.Tensor, unit_references: bool = False
 ) -> LayerStatistics:
     """Norms and cosines of ``hidden`` [T, d] and ``mlp_out`` [T, d] against ``references`` [R, d].
 
     Computed in float32 whatever the model dtype: cosines near the 0.9 threshold must not flip
-    because of bf16 rounding.
+    because of bf16 rounding. ``unit_references=True`` skips normalising references that are
+    already unit vectors (the online path calls this for every layer of every step).
     """
     hidden = hidden.float()
     mlp_out = mlp_out.float()
-    refs = _unit(references.float())
+    refs = references if unit_references else _unit(references.float())
     hidden_norm = hidden.norm(dim=-1)
     mlp_norm = mlp_out.norm(dim=-1)
     hidden_cos = (refs @ hidden.T) / hidden_norm.clamp_min(1e-12)

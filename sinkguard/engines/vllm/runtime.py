@@ -1,0 +1,222 @@
+"""vLLM adapter: hooks in the worker's model that feed the engine-independent online detector.
+
+Installed by the plugin after the model runner has loaded the model (see ``plugin.py``). It only
+translates: vLLM's decoder layers return ``(mlp_output, residual)``, whose sum is the residual
+stream the paper's detector reads; the forward context says which rows of the flattened batch
+belong to which request. Detection, per-request records and metrics are
+:mod:`sinkguard.core.online` and :mod:`sinkguard.metrics`.
+
+Why it must run eagerly: PyTorch hooks do not fire inside a torch.compile'd graph or a captured
+CUDA graph (hooks added after compilation never run; hooks traced at compile time freeze), so
+the plugin refuses to start unless vLLM runs with ``enforce_eager=True``. The compiled-mode
+design (a registered custom op as a graph splitting point) is in ``docs/vllm-compiled-mode.md``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from sinkguard.config import ServeConfig
+from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
+from sinkguard.core.online import RequestTracker, StepDetector
+from sinkguard.errors import ConfigError, ModelLoadError
+from sinkguard.profile import SinkProfile
+
+logger = logging.getLogger("sinkguard")
+
+
+def check_engine_settings(vllm_config: Any) -> None:
+    """Refuse settings under which detection would be silently wrong."""
+    model_config = vllm_config.model_config
+    if not getattr(model_config, "enforce_eager", False):
+        raise ConfigError(
+            "sinkguard needs vLLM in eager mode: its detector runs as PyTorch hooks, which do not run "
+            "inside torch.compile graphs or CUDA graphs (detection would silently stop). Start vLLM with "
+            "--enforce-eager (`sinkguard serve` sets it) or disable sinkguard (unset SINKGUARD_CONFIG)."
+        )
+    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+        raise ConfigError(
+            "sinkguard cannot run with prefix caching: tokens served from the prefix cache skip the forward "
+            "pass, so sinks among them would go undetected. Start vLLM with --no-enable-prefix-caching "
+            "(`sinkguard serve` sets it)."
+        )
+    if vllm_config.parallel_config.pipeline_parallel_size > 1:
+        raise ConfigError("sinkguard does not support pipeline parallelism yet (tensor parallelism is fine): "
+                          "set --pipeline-parallel-size 1")
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    base = getattr(model, "model", None)
+    layers = getattr(base, "layers", None)
+    if layers is None or not len(layers) or not hasattr(layers[0], "mlp"):
+        raise ModelLoadError(
+            f"sinkguard does not support {type(model).__name__} in vLLM: expected decoder layers with an MLP "
+            "at model.model.layers (Llama-style architectures)"
+        )
+    return layers
+
+
+def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str) -> ModelInfo:
+    norms = [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    architecture = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
+    return model_info_from_config(hf_config, architecture, name, norms, len(decoder_layers(model)))
+
+
+class VllmSinkRuntime:
+    """The detector living in one vLLM worker."""
+
+    def __init__(self, runner: Any, config: ServeConfig, profile: SinkProfile, record: bool = True) -> None:
+        self.runner = runner
+        self.config = config
+        self.profile = profile
+        self.record = record  # False on tensor-parallel ranks > 0: they see the same hidden states
+        self.detector = StepDetector(profile)
+        self.tracker = RequestTracker(config.max_finished_requests, config.max_events_per_request)
+        self.model_name = config.model_name or profile.model.name
+        self.metrics = None
+        if config.metrics and record:
+            from sinkguard.metrics import sink_metrics
+
+            self.metrics = sink_metrics()
+        self.steps = 0
+        self._active = False
+        self._num_tokens = 0
+        self._input_ids: torch.Tensor | None = None
+        self._positions: torch.Tensor | None = None
+        self._elapsed = 0.0
+        self._handles: list[Any] = []
+
+    # -- installation -------------------------------------------------------------------------
+    def install(self) -> None:
+        # vLLM's compile decorator replaces LlamaModel.__call__, so hooks on the model itself never
+        # fire even in eager mode; the decoder layers are plain modules. A step starts at the first
+        # layer and ends with the last one.
+        layers = decoder_layers(self.runner.model)
+        self._handles.append(layers[0].register_forward_pre_hook(self._on_step_start, with_kwargs=True))
+        for index, layer in enumerate(layers):
+            self._handles.append(layer.register_forward_hook(self._layer_hook(index)))
+        self._handles.append(layers[-1].register_forward_hook(self._on_step_end))
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    # -- hooks --------------------------------------------------------------------------------
+    def _batch_layout(self) -> tuple[np.ndarray, list[str]] | None:
+        from vllm.forward_context import get_forward_context, is_forward_context_available
+
+        if not is_forward_context_available():
+            return None
+        metadata = get_forward_context().attn_metadata
+        if isinstance(metadata, list):  # micro-batching: one dict per micro-batch
+            metadata = metadata[0] if len(metadata) == 1 else None
+        if not metadata:  # profiling and warm-up runs have no metadata
+            return None
+        first = next(iter(metadata.values()))
+        query_start = first.query_start_loc.cpu().numpy()
+        num_requests = query_start.shape[0] - 1
+        request_ids = list(self.runner.input_batch.req_ids[:num_requests])
+        return query_start, request_ids
+
+    def _on_step_start(self, _module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        start = time.perf_counter()
+        layout = self._batch_layout()
+        self._active = layout is not None
+        if not self._active:
+            return
+        self._layout = layout
+        self._num_tokens = int(layout[0][-1])
+        # LlamaDecoderLayer.forward(positions, hidden_states, residual)
+        self._positions = kwargs.get("positions", args[0] if args else None)
+        self._input_ids = self.runner.input_ids.cpu
+        self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
+        self.detector.start()
+        self._elapsed = time.perf_counter() - start
+
+    def _layer_hook(self, index: int):
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            if not self._active:
+                return
+            start = time.perf_counter()
+            mlp_out, residual = output
+            n = self._num_tokens
+            self.detector.observe(index, mlp_out[:n] + residual[:n], mlp_out[:n])
+            self._elapsed += time.perf_counter() - start
+
+        return hook
+
+    def _on_step_end(self, _module: torch.nn.Module, _args: Any, _output: Any) -> None:
+        if not self._active:
+            return
+        start = time.perf_counter()
+        self._active = False
+        n = self._num_tokens
+        positions = self._positions[:n].cpu().numpy()
+        events = self.detector.finish(positions)
+        self.steps += 1
+        if self.record:
+            self._record(positions, events)
+        self._elapsed += time.perf_counter() - start
+        if self.metrics is not None:
+            self.metrics.detector_seconds.labels(self.model_name).observe(self._elapsed)
+
+    # -- bookkeeping --------------------------------------------------------------------------
+    def _record(self, positions: np.ndarray, events: list) -> None:
+        query_start, request_ids = self._layout
+        records = []
+        for i, request_id in enumerate(request_ids):
+            state = self.runner.requests.get(request_id)
+            prompt_len = len(state.prompt_token_ids or ()) if state is not None else 0
+            extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
+            record = self.tracker.get(request_id, extra, prompt_len)
+            lo, hi = int(query_start[i]), int(query_start[i + 1])
+            prefill = int(np.sum(positions[lo:hi] < prompt_len))
+            if record.options.detect:
+                record.prefill_tokens_scanned += prefill
+                record.decode_tokens_scanned += (hi - lo) - prefill
+                if self.metrics is not None:
+                    if prefill:
+                        self.metrics.tokens_scanned.labels(self.model_name, "prefill").inc(prefill)
+                    if hi - lo - prefill:
+                        self.metrics.tokens_scanned.labels(self.model_name, "decode").inc(hi - lo - prefill)
+            records.append((record, prompt_len))
+        if not events:
+            return
+        token_ids = self._input_ids[: self._num_tokens].cpu().numpy() if self._input_ids is not None else None
+        for column, event in events:
+            i = int(np.searchsorted(query_start, column, side="right")) - 1
+            record, prompt_len = records[i]
+            if not record.options.detect:
+                continue
+            if token_ids is not None:
+                event.token_id = int(token_ids[column])
+            record.add(event, "prefill" if event.position < prompt_len else "decode")
+            if self.metrics is not None and not event.is_reference:
+                self.metrics.sinks_detected.labels(self.model_name, event.kind, str(event.birth_layer)).inc()
+
+    def _on_retire(self, _record: Any) -> None:
+        if self.metrics is not None:
+            self.metrics.requests_finished.labels(self.model_name).inc()
+
+    # -- control plane (collective_rpc) -------------------------------------------------------
+    def lookup(self, request_id: str) -> list[dict[str, Any]]:
+        self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
+        return self.tracker.lookup(request_id)
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "enabled": True,
+            "model": self.profile.model.name,
+            "fingerprint": self.profile.model.fingerprint,
+            "window_layers": self.profile.meta.window_layers,
+            "forming_layers": [f.layer for f in self.profile.meta.forming_layers],
+            "live_requests": len(self.tracker.live),
+            "finished_requests": len(self.tracker.finished),
+            "steps": self.steps,
+        }

@@ -1,0 +1,38 @@
+"""Prometheus metrics with the ``sinkguard:`` prefix (vLLM uses ``vllm:``).
+
+They are updated in the worker process. vLLM's ``/metrics`` lives in the API server process, so
+the two meet through prometheus_client's multiprocess mode: ``PROMETHEUS_MULTIPROC_DIR`` must be
+set (to a fresh, empty folder) before the server starts; ``sinkguard serve`` does this. Only
+counters and histograms are used: they aggregate correctly across processes.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+from prometheus_client import Counter, Histogram
+
+
+class SinkMetrics:
+    def __init__(self) -> None:
+        self.tokens_scanned = Counter(
+            "sinkguard:tokens_scanned", "Tokens run through the online sink detector.",
+            ["model_name", "phase"],
+        )
+        self.sinks_detected = Counter(
+            "sinkguard:sinks_detected", "Flagged tokens by kind and birth layer (the reference excluded).",
+            ["model_name", "kind", "birth_layer"],
+        )
+        self.requests_finished = Counter(
+            "sinkguard:requests_finished", "Requests whose sink record was closed.", ["model_name"],
+        )
+        self.detector_seconds = Histogram(
+            "sinkguard:detector_seconds", "Detector time per engine step (hooks + detection).",
+            ["model_name"], buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0),
+        )
+
+
+@lru_cache(maxsize=1)
+def sink_metrics() -> SinkMetrics:
+    """Process-wide metrics (created once: prometheus_client refuses duplicate names)."""
+    return SinkMetrics()

@@ -1,0 +1,76 @@
+"""The plugin refuses settings under which detection would be silently wrong, with a clear message."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from sinkguard.config import ServeConfig
+from sinkguard.engines.vllm.plugin import enabled_config
+from sinkguard.engines.vllm.server import prepare_launch
+from sinkguard.errors import ConfigError
+
+SCRIPT = Path(__file__).with_name("start_engine.py")
+
+
+def start_engine(model_dir: Path, config_path: Path, **overrides) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SINKGUARD_CONFIG": str(config_path), "VLLM_CPU_KVCACHE_SPACE": "1"}
+    return subprocess.run([sys.executable, str(SCRIPT), str(model_dir), json.dumps(overrides)],
+                          capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def serve_config(tmp_path_factory, served_profile) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "serve.json"
+    path.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False).model_dump_json())
+    return path
+
+
+def test_invalid_serve_config_names_the_field(tmp_path, monkeypatch):
+    path = tmp_path / "bad.json"
+    path.write_text(json.dumps({"profile": "x", "max_finished_requests": 0}))
+    monkeypatch.setenv("SINKGUARD_CONFIG", str(path))
+    with pytest.raises(ConfigError, match="max_finished_requests"):
+        enabled_config()
+    path.write_text(json.dumps({"profile": "x", "max_finshed_requests": 5}))
+    with pytest.raises(ConfigError, match="max_finshed_requests"):
+        enabled_config()
+    monkeypatch.delenv("SINKGUARD_CONFIG")
+    assert enabled_config() is None  # plugin inert without a config
+
+
+def test_serve_refuses_prefix_caching_and_compiled_mode(tmp_path):
+    config = ServeConfig(profile="p")
+    with pytest.raises(ConfigError, match="prefix-cache"):
+        prepare_launch(tmp_path, config, "m", extra_args=["--enable-prefix-caching"])
+    with pytest.raises(ConfigError, match="eager"):
+        prepare_launch(tmp_path, config, "m", extra_args=["--compilation-config={}"])
+    launch = prepare_launch(tmp_path, config, "m", extra_args=["--max-model-len", "512"])
+    assert "--enforce-eager" in launch.command and "--no-enable-prefix-caching" in launch.command
+    assert launch.env["VLLM_PLUGINS"] == "sinkguard" and Path(launch.env["PROMETHEUS_MULTIPROC_DIR"]).is_dir()
+
+
+@pytest.mark.slow
+def test_engine_refuses_compiled_mode(hf_model, serve_config):
+    proc = start_engine(hf_model.source.path, serve_config, enforce_eager=False)
+    assert proc.returncode != 0 and "STARTED" not in proc.stdout
+    assert "sinkguard needs vLLM in eager mode" in proc.stderr
+
+
+@pytest.mark.slow
+def test_engine_refuses_prefix_caching(hf_model, serve_config):
+    proc = start_engine(hf_model.source.path, serve_config, enable_prefix_caching=True)
+    assert proc.returncode != 0 and "STARTED" not in proc.stdout
+    assert "sinkguard cannot run with prefix caching" in proc.stderr
+
+
+@pytest.mark.slow
+def test_engine_refuses_profile_of_other_weights(random_model_dir, serve_config):
+    proc = start_engine(random_model_dir, serve_config, max_model_len=128)
+    assert proc.returncode != 0 and "STARTED" not in proc.stdout
+    assert "does not match model" in proc.stderr
