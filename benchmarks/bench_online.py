@@ -7,6 +7,8 @@ Configurations, each in its own process (engine start-up excluded from timings):
 - ``plain-default``: vLLM's default mode (torch.compile, prefix caching), to show what the
   required settings cost by themselves.
 
+All three run the float32 weights in float32 (vLLM's CPU default would be bf16).
+
 Workloads (greedy, ``ignore_eos``): a batch of 32 prompts x 128 output tokens (throughput, output
 tokens/s) and single-stream decode of one prompt (time per output token, from a 1-token and a
 129-token generation). Each measured ``--runs`` times after a warm-up; medians reported.
@@ -55,7 +57,7 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
         os.environ.pop("SINKGUARD_CONFIG", None)
     from vllm import LLM, SamplingParams
 
-    kwargs = {"max_model_len": 2048, "seed": 0}
+    kwargs = {"max_model_len": 2048, "seed": 0, "dtype": "float32"}
     if config != "plain-default":
         kwargs.update(enforce_eager=True, enable_prefix_caching=False)
     llm = LLM(model=model_dir, **kwargs)
@@ -90,6 +92,7 @@ def main() -> None:
         print("RESULT " + json.dumps(child(args.child, args.runs, args.batch, args.output_tokens)))
         return
     results = {}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     for config in args.configs:
         proc = subprocess.run([sys.executable, __file__, "--child", config, "--runs", str(args.runs),
                                "--batch", str(args.batch), "--output-tokens", str(args.output_tokens)],

@@ -55,7 +55,8 @@ def serve_and_query(model, profile_path: Path, prompts, workdir: Path, console: 
     from sinkguard.engines.vllm.server import RunningServer, http_json, prepare_launch
 
     launch = prepare_launch(model.source.path, ServeConfig(profile=str(profile_path)), "smollm2",
-                            port=_free_port(), extra_args=["--max-model-len", "2048"], workdir=workdir)
+                            port=_free_port(), extra_args=["--max-model-len", "2048", "--dtype", "float32"],
+                            workdir=workdir)
     console.print(f"starting vLLM at {launch.base_url} (log {workdir / 'server.log'}) ...")
     bos = model.tokenizer.bos_token_id
     requests = [[bos, *p.token_ids[:160]] for p in prompts[:8]]

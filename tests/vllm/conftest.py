@@ -1,12 +1,15 @@
 """One real sinkguard-enabled vLLM server (OpenAI API) on the embedded model per test session.
 
-Also: the embedded model's profile (calibrated on the fly and cached, as `sinkguard serve` does)
-and a prompt set of 50 token-id prompts cut from built-in text, BOS first.
+Also: the embedded model's profile (calibrated on the fly and cached, as `sinkguard serve` does),
+a prompt set of 50 token-id prompts cut from built-in text (BOS first), and the greedy outputs of
+the same batch through an offline vLLM engine with and without sinkguard. Everything runs in
+float32: vLLM's CPU default (bf16) would make detection coarser than the float32 profile.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -41,26 +44,42 @@ def online_prompts(hf_model) -> list[list[int]]:
     return [[bos, *p.token_ids] for p in prompts]
 
 
-@pytest.fixture(scope="session")
-def plain_outputs(hf_model, online_prompts, tmp_path_factory) -> list[list[int]]:
-    """Greedy outputs of plain vLLM (no plugin), same settings, in a separate process."""
-    folder = tmp_path_factory.mktemp("plain")
-    (folder / "prompts.json").write_text(json.dumps(online_prompts))
+def generate_offline(model_dir: Path, prompts: list[list[int]], folder: Path, config: Path | None = None) -> dict:
+    """Greedy generation in a separate process with an offline vLLM engine (float32)."""
+    (folder / "prompts.json").write_text(json.dumps(prompts))
     script = Path(__file__).with_name("plain_generate.py")
-    proc = subprocess.run([sys.executable, str(script), str(hf_model.source.path), str(folder / "prompts.json"),
-                           str(folder / "out.json"), str(MAX_TOKENS)], capture_output=True, text=True, timeout=900)
+    command = [sys.executable, str(script), str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
+               str(MAX_TOKENS)] + ([str(config)] if config else [])
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((folder / "out.json").read_text())
 
 
 @pytest.fixture(scope="session")
-def server(hf_model, served_profile, plain_outputs, tmp_path_factory):
-    """The sinkguard server (started after the plain run: two engines would share 2 cores)."""
+def plain_outputs(hf_model, online_prompts, tmp_path_factory) -> list[list[int]]:
+    """Greedy outputs of plain vLLM (plugin inert), same engine settings."""
+    return generate_offline(hf_model.source.path, online_prompts, tmp_path_factory.mktemp("plain"))["tokens"]
+
+
+@pytest.fixture(scope="session")
+def engine_outputs(hf_model, online_prompts, served_profile, tmp_path_factory) -> dict:
+    """The same batch through a vLLM engine with sinkguard detecting: tokens and sink records."""
+    folder = tmp_path_factory.mktemp("sinkguard-engine")
+    config = folder / "serve.json"
+    config.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False).model_dump_json())
+    return generate_offline(hf_model.source.path, online_prompts, folder, config)
+
+
+@pytest.fixture(scope="session")
+def server(hf_model, served_profile, plain_outputs, engine_outputs, tmp_path_factory):
+    """The sinkguard server (started after the offline engines: they would share 2 cores)."""
     from sinkguard.engines.vllm.server import RunningServer, prepare_launch
 
     profile_path, _ = served_profile
     launch = prepare_launch(hf_model.source.path, ServeConfig(profile=str(profile_path), max_finished_requests=512),
-                            "smol", port=free_port(), extra_args=["--max-model-len", "2048", "--seed", "0"],
+                            "smol", port=free_port(),
+                            extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32"],
                             workdir=tmp_path_factory.mktemp("serve"))
     with RunningServer(launch) as running:
         running.wait_ready(timeout=600)

@@ -97,10 +97,13 @@ class SinkguardEndpoints:
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         self.engine_client = engine_client
-        if engine_client is not None:
+        source = getattr(args, "tokenizer", None) or getattr(args, "model", None)
+        if engine_client is not None and source and not getattr(args, "skip_tokenizer_init", False):
+            from transformers import AutoTokenizer
+
             try:
-                self.tokenizer = await engine_client.get_tokenizer()
-            except Exception:  # tokenizer-less deployments still return token ids
+                self.tokenizer = AutoTokenizer.from_pretrained(source)
+            except Exception:  # events still carry token ids
                 self.tokenizer = None
 
     async def get_request(self, request_id: str, request: Request) -> JSONResponse:
