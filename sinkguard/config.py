@@ -101,20 +101,30 @@ class ScanConfig(_Strict):
     """Truncate prompts to this many tokens (``None``: refuse prompts longer than the context)."""
 
 
+def read_json_config(path: Path | str, what: str = "config file") -> Any:
+    """Parse a JSON config file; ConfigError for a missing or malformed file."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{what} not found: {path}") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{what} {path} is not valid JSON: {exc}") from exc
+
+
 def load_config(path: Path | str | None, **overrides: Any) -> ScanConfig:
     """Read a ScanConfig from a JSON file plus overrides; errors name the offending field."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        import json
-
-        try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-        except FileNotFoundError as exc:
-            raise ConfigError(f"config file not found: {path}") from exc
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"config file {path} is not valid JSON: {exc}") from exc
+    data: dict[str, Any] = read_json_config(path) if path is not None else {}
     data.update({k: v for k, v in overrides.items() if v is not None})
     return validate_config(ScanConfig, data)
+
+
+def describe_validation_error(exc: pydantic.ValidationError, prefix: str = "") -> str:
+    """``field.path: message; ...`` for every problem pydantic found."""
+    return "; ".join(
+        f"{prefix}{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
+    )
 
 
 def validate_config(model: type[_Strict], data: Any) -> Any:
@@ -122,10 +132,7 @@ def validate_config(model: type[_Strict], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-        )
-        raise ConfigError(f"invalid {model.__name__}: {problems}") from None
+        raise ConfigError(f"invalid {model.__name__}: {describe_validation_error(exc)}") from None
 
 
 
@@ -156,10 +163,7 @@ class RequestOptions(_Strict):
         try:
             return cls.model_validate(fields)
         except pydantic.ValidationError as exc:
-            problems = "; ".join(
-                f"vllm_xargs.{REQUEST_OPTION_PREFIX}{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
-                for err in exc.errors()
-            )
+            problems = describe_validation_error(exc, prefix=f"vllm_xargs.{REQUEST_OPTION_PREFIX}")
             raise ConfigError(f"invalid sinkguard request option: {problems}") from None
 
 
@@ -181,12 +185,4 @@ class ServeConfig(_Strict):
 
 
 def load_serve_config(path: Path | str) -> ServeConfig:
-    import json
-
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except FileNotFoundError as exc:
-        raise ConfigError(f"sinkguard serve config not found: {path}") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"sinkguard serve config {path} is not valid JSON: {exc}") from exc
-    return validate_config(ServeConfig, data)
+    return validate_config(ServeConfig, read_json_config(path, "sinkguard serve config"))

@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load_file, save_file
 
 from sinkguard._version import __version__
-from sinkguard.config import AttentionConfig, DetectorConfig
+from sinkguard.config import AttentionConfig, DetectorConfig, describe_validation_error
 from sinkguard.core.fingerprint import ModelInfo
 from sinkguard.errors import ProfileError
 
@@ -142,8 +142,7 @@ class SinkProfile:
         try:
             meta = ProfileMeta.model_validate(raw)
         except pydantic.ValidationError as exc:
-            fields = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-            raise ProfileError(f"{meta_path} is invalid: {fields}") from None
+            raise ProfileError(f"{meta_path} is invalid: {describe_validation_error(exc)}") from None
         try:
             tensors = load_file(str(tensor_path))
         except Exception as exc:  # safetensors raises its own error type for corrupt files

@@ -16,35 +16,44 @@ import torch
 
 @dataclass
 class LayerStatistics:
-    """Statistics of one layer's output for T tokens against R reference candidates."""
+    """Statistics of one layer's output for T tokens against R unit reference directions.
+
+    Cosines are formed later, for all layers at once (:func:`stack_layers`): the online path
+    runs this for every layer of every engine step, where each extra tiny op costs more than its
+    arithmetic.
+    """
 
     hidden_norm: torch.Tensor  # [T]  ||h_t||
-    hidden_cos: torch.Tensor  # [R, T]  cos(h_t, ref_r)
+    hidden_dot: torch.Tensor  # [R, T]  h_t . ref_r
     mlp_norm: torch.Tensor  # [T]  ||mlp_t||
-    mlp_cos: torch.Tensor  # [R, T]  cos(mlp_t, ref_r): the forming signal
+    mlp_dot: torch.Tensor  # [R, T]  mlp_t . ref_r: the forming signal
 
 
-def _unit(x: torch.Tensor) -> torch.Tensor:
-    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return x / torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(1e-12)
 
 
 def layer_statistics(
     hidden: torch.Tensor, mlp_out: torch.Tensor, references: torch.Tensor, unit_references: bool = False
 ) -> LayerStatistics:
-    """Norms and cosines of ``hidden`` [T, d] and ``mlp_out`` [T, d] against ``references`` [R, d].
+    """Norms of ``hidden`` [..., T, d] and ``mlp_out`` and their dot products with ``references`` [..., R, d].
+
+    Leading dimensions broadcast, so one call can cover every layer of a step (``[L, T, d]``
+    activations against ``[L, 1, d]`` references).
 
     Computed in float32 whatever the model dtype: cosines near the 0.9 threshold must not flip
     because of bf16 rounding. ``unit_references=True`` skips normalising references that are
-    already unit vectors (the online path calls this for every layer of every step).
+    already unit vectors and float32.
     """
     hidden = hidden.float()
     mlp_out = mlp_out.float()
-    refs = references if unit_references else _unit(references.float())
-    hidden_norm = hidden.norm(dim=-1)
-    mlp_norm = mlp_out.norm(dim=-1)
-    hidden_cos = (refs @ hidden.T) / hidden_norm.clamp_min(1e-12)
-    mlp_cos = (refs @ mlp_out.T) / mlp_norm.clamp_min(1e-12)
-    return LayerStatistics(hidden_norm, hidden_cos, mlp_norm, mlp_cos)
+    refs = references if unit_references else unit_rows(references.float())
+    return LayerStatistics(
+        hidden_norm=torch.linalg.vector_norm(hidden, dim=-1),
+        hidden_dot=torch.matmul(refs, hidden.transpose(-1, -2)),
+        mlp_norm=torch.linalg.vector_norm(mlp_out, dim=-1),
+        mlp_dot=torch.matmul(refs, mlp_out.transpose(-1, -2)),
+    )
 
 
 @dataclass
@@ -86,10 +95,23 @@ class SequenceTrace:
 
 
 def stack_layers(per_layer: list[LayerStatistics]) -> dict[str, np.ndarray]:
-    """Stack a list of per-layer statistics into the ``[L, T]`` / ``[R, L, T]`` arrays."""
+    """Stack per-layer statistics into ``[L, T]`` norms and ``[R, L, T]`` cosines (numpy)."""
+    return to_arrays(LayerStatistics(
+        hidden_norm=torch.stack([s.hidden_norm for s in per_layer]),
+        hidden_dot=torch.stack([s.hidden_dot for s in per_layer], dim=1),
+        mlp_norm=torch.stack([s.mlp_norm for s in per_layer]),
+        mlp_dot=torch.stack([s.mlp_dot for s in per_layer], dim=1),
+    ))
+
+
+def to_arrays(stats: LayerStatistics) -> dict[str, np.ndarray]:
+    """All-layer statistics (norms [L, T], dots [R, L, T]) as numpy norms and cosines."""
+    hidden_norm, mlp_norm = stats.hidden_norm, stats.mlp_norm
+    hidden_cos = stats.hidden_dot / hidden_norm.clamp_min(1e-12)
+    mlp_cos = stats.mlp_dot / mlp_norm.clamp_min(1e-12)
     return {
-        "hidden_norm": torch.stack([s.hidden_norm for s in per_layer]).cpu().numpy(),
-        "hidden_cos": torch.stack([s.hidden_cos for s in per_layer], dim=1).cpu().numpy(),
-        "mlp_norm": torch.stack([s.mlp_norm for s in per_layer]).cpu().numpy(),
-        "mlp_cos": torch.stack([s.mlp_cos for s in per_layer], dim=1).cpu().numpy(),
+        "hidden_norm": hidden_norm.cpu().numpy(),
+        "hidden_cos": hidden_cos.cpu().numpy(),
+        "mlp_norm": mlp_norm.cpu().numpy(),
+        "mlp_cos": mlp_cos.cpu().numpy(),
     }

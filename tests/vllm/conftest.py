@@ -79,7 +79,9 @@ def server(hf_model, served_profile, plain_outputs, engine_outputs, tmp_path_fac
     profile_path, _ = served_profile
     launch = prepare_launch(hf_model.source.path, ServeConfig(profile=str(profile_path), max_finished_requests=512),
                             "smol", port=free_port(),
-                            extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32"],
+                            # a small token budget per step splits the 97-token prompts into prefill chunks
+                            extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32",
+                                        "--max-num-batched-tokens", "64"],
                             workdir=tmp_path_factory.mktemp("serve"))
     with RunningServer(launch) as running:
         running.wait_ready(timeout=600)

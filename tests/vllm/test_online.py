@@ -122,6 +122,8 @@ def test_concurrent_requests_get_their_own_events(served, online_prompts, engine
         agree += len(server_keys & engine_keys)
         union += len(server_keys | engine_keys)
     assert agree / union >= 0.97, f"{agree}/{union}"
+    # the server's 64-token step budget split every 97-token prompt into chunked prefill steps
+    assert all(r[0]["prefill_steps"] >= 2 for r in records)
     for prompt, body, found in zip(online_prompts, bodies, records):
         length = len(prompt) + len(body["choices"][0]["token_ids"]) - 1
         for event in found[0]["events"]:
@@ -178,3 +180,27 @@ def test_request_can_opt_out_and_cap_events(server, online_prompts):
 def test_unknown_request_is_404(server):
     status, body = http_json(server.base_url + "/sinkguard/requests/cmpl-does-not-exist")
     assert status == 404 and "no record" in body["error"]["message"]
+
+
+def test_aborted_request_is_retired(server, online_prompts):
+    import http.client
+    import json
+
+    host, port = server.base_url.removeprefix("http://").split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=60)
+    connection.request("POST", "/v1/completions", json.dumps({
+        "model": "smol", "prompt": online_prompts[4], "max_tokens": 400, "temperature": 0.0, "stream": True,
+        "ignore_eos": True}), {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    first = response.readline().decode()  # first streamed chunk: the request is running
+    request_id = json.loads(first.removeprefix("data: "))["id"]
+    connection.close()  # the client goes away: vLLM aborts the request
+    for _ in range(10):  # later engine steps let the worker see that the request is gone
+        complete(server, online_prompts[5], max_tokens=4)
+        record = lookup(server, request_id)[0]
+        if record["finished"]:
+            break
+    assert record["finished"]
+    assert record["tokens_scanned"]["decode"] < 399  # it did not run to the end
+    status, body = http_json(server.base_url + "/sinkguard/status")
+    assert status == 200 and body["workers"][0]["steps"] > 0

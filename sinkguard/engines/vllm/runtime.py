@@ -9,7 +9,8 @@ belong to which request. Detection, per-request records and metrics are
 Why it must run eagerly: PyTorch hooks do not fire inside a torch.compile'd graph or a captured
 CUDA graph (hooks added after compilation never run; hooks traced at compile time freeze), so
 the plugin refuses to start unless vLLM runs with ``enforce_eager=True``. The compiled-mode
-design (a registered custom op as a graph splitting point) is in ``docs/vllm-compiled-mode.md``.
+design (a registered custom op writing into a persistent buffer) is in ``COMPILED_MODE.md`` next to
+this file.
 """
 
 from __future__ import annotations
@@ -84,6 +85,7 @@ class VllmSinkRuntime:
 
             self.metrics = sink_metrics()
         self.steps = 0
+        self.total_seconds = 0.0  # detector time (hooks + detection), all steps
         self._active = False
         self._num_tokens = 0
         self._input_ids: torch.Tensor | None = None
@@ -136,7 +138,7 @@ class VllmSinkRuntime:
         self._positions = kwargs.get("positions", args[0] if args else None)
         self._input_ids = self.runner.input_ids.cpu
         self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
-        self.detector.start()
+        self.detector.start(self._num_tokens)
         self._elapsed = time.perf_counter() - start
 
     def _layer_hook(self, index: int):
@@ -144,9 +146,8 @@ class VllmSinkRuntime:
             if not self._active:
                 return
             start = time.perf_counter()
-            mlp_out, residual = output
-            n = self._num_tokens
-            self.detector.observe(index, mlp_out[:n] + residual[:n], mlp_out[:n])
+            mlp_out, residual = output  # vLLM's layers return (mlp output, residual before it)
+            self.detector.observe(index, mlp_out, residual)
             self._elapsed += time.perf_counter() - start
 
         return hook
@@ -160,6 +161,7 @@ class VllmSinkRuntime:
         positions = self._positions[:n].cpu().numpy()
         events = self.detector.finish(positions)
         self.steps += 1
+        self.total_seconds += self._elapsed + (time.perf_counter() - start)
         if self.record:
             self._record(positions, events)
         self._elapsed += time.perf_counter() - start
@@ -179,6 +181,7 @@ class VllmSinkRuntime:
             prefill = int(np.sum(positions[lo:hi] < prompt_len))
             if record.options.detect:
                 record.prefill_tokens_scanned += prefill
+                record.prefill_steps += prefill > 0
                 record.decode_tokens_scanned += (hi - lo) - prefill
                 if self.metrics is not None:
                     if prefill:
@@ -219,4 +222,5 @@ class VllmSinkRuntime:
             "live_requests": len(self.tracker.live),
             "finished_requests": len(self.tracker.finished),
             "steps": self.steps,
+            "detector_seconds": round(self.total_seconds, 6),
         }
