@@ -1,9 +1,15 @@
 """Online detection overhead: sinkguard (observe only) vs plain vLLM, same settings, same run.
 
-Configurations, each in its own process (engine start-up excluded from timings):
+Configurations (engine start-up excluded from timings):
 
-- ``plain-eager``: vLLM with the settings sinkguard requires (``enforce_eager``, no prefix cache);
-- ``sinkguard``: the same plus the sinkguard plugin detecting online (no intervention);
+- ``ab``: one engine with the sinkguard plugin; every run measures it twice, with the detector's
+  hooks installed and removed (``sinkguard_set_detection`` over ``collective_rpc``), in
+  alternating order. Without hooks the engine runs exactly plain vLLM's code path, so the paired
+  ratio is the detector's cost, free of the run-to-run drift of a shared 2-core machine
+  (separate processes drifted by +-10% between runs here);
+- ``plain-eager``: plain vLLM with the settings sinkguard requires (``enforce_eager``, no prefix
+  cache), in its own process without the plugin;
+- ``sinkguard``: the same plus the plugin, in its own process;
 - ``plain-default``: vLLM's default mode (torch.compile, prefix caching), to show what the
   required settings cost by themselves.
 
@@ -27,7 +33,7 @@ import sys
 import tempfile
 import time
 
-CONFIGS = ("plain-eager", "sinkguard", "plain-default")
+CONFIGS = ("ab", "plain-eager", "sinkguard", "plain-default")
 
 
 def prompts(count: int, length: int) -> list[list[int]]:
@@ -44,7 +50,7 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
 
     model_dir = str(ensure_embedded_model().path)
     batch_prompts = prompts(batch, 128)
-    if config == "sinkguard":
+    if config in ("sinkguard", "ab"):
         from sinkguard.calibrate import profile_for_model
         from sinkguard.config import ServeConfig
 
@@ -68,15 +74,28 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
         llm.generate([{"prompt_token_ids": p} for p in items], params, use_tqdm=False)
         return time.perf_counter() - start
 
-    generate(batch_prompts[:4], 8)  # warm-up
-    throughput, tpot = [], []
-    for run in range(runs):
+    def measure(run: int) -> tuple[float, float]:
         elapsed = generate(batch_prompts, output_tokens)
-        throughput.append(batch * output_tokens / elapsed)
         single = [batch_prompts[run % batch]]
         first = generate(single, 1)
         full = generate(single, output_tokens + 1)
-        tpot.append((full - first) / output_tokens)
+        return batch * output_tokens / elapsed, (full - first) / output_tokens
+
+    generate(batch_prompts[:4], 8)  # warm-up
+    if config == "ab":
+        results: dict[bool, dict[str, list[float]]] = {s: {"throughput": [], "tpot": []} for s in (True, False)}
+        for run in range(runs):
+            for state in ((True, False) if run % 2 == 0 else (False, True)):
+                assert llm.collective_rpc("sinkguard_set_detection", args=(state,)) == [state]
+                throughput, tpot = measure(run)
+                results[state]["throughput"].append(throughput)
+                results[state]["tpot"].append(tpot)
+        return {"config": config, "on": results[True], "off": results[False]}
+    throughput, tpot = [], []
+    for run in range(runs):
+        t, p = measure(run)
+        throughput.append(t)
+        tpot.append(p)
     return {"config": config, "throughput": throughput, "tpot": tpot}
 
 
@@ -102,10 +121,28 @@ def main() -> None:
             print(f"{config} failed: {proc.stderr[-2000:]}", file=sys.stderr)
             continue
         data = json.loads(line[len("RESULT "):])
+        if config == "ab":
+            on, off = data["on"], data["off"]
+            thr = [a / b for a, b in zip(on["throughput"], off["throughput"])]
+            tpot = [a / b for a, b in zip(on["tpot"], off["tpot"])]
+            results["ab"] = {"throughput_ratio": statistics.median(thr), "tpot_ratio": statistics.median(tpot),
+                             "on": on, "off": off}
+            print(f"ab: paired throughput ratios {[round(x, 3) for x in thr]}, TPOT ratios "
+                  f"{[round(x, 3) for x in tpot]}", file=sys.stderr)
+            continue
         results[config] = {"throughput": statistics.median(data["throughput"]),
                            "tpot_ms": 1000 * statistics.median(data["tpot"]), "raw": data}
         print(f"{config}: {results[config]['throughput']:.1f} tok/s, TPOT {results[config]['tpot_ms']:.2f} ms "
               f"(runs: {[round(x, 1) for x in data['throughput']]})", file=sys.stderr)
+    ab = results.pop("ab", None)
+    if ab:
+        print("| detector hooks (same engine, paired runs) | throughput (output tok/s) | single-stream TPOT (ms) |")
+        print("|---|---|---|")
+        for state in ("off", "on"):
+            print(f"| {state} | {statistics.median(ab[state]['throughput']):.1f} | "
+                  f"{1000 * statistics.median(ab[state]['tpot']):.2f} |")
+        print(f"\npaired medians, on / off: throughput {100 * (ab['throughput_ratio'] - 1):+.1f}%, "
+              f"TPOT {100 * (ab['tpot_ratio'] - 1):+.1f}%\n")
     print(f"| configuration | throughput (output tok/s, {args.batch} x {args.output_tokens}) | "
           "single-stream TPOT (ms) |")
     print("|---|---|---|")

@@ -39,27 +39,23 @@ TokensOption = Annotated[int, typer.Option("--tokens", "-t", min=8, help="Tokens
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="JSON file with scan settings (see ScanConfig).")]
 
 
-def _read_prompt_file(prompts: Path | None, corpus: Path | None):
-    """Validate prompt inputs before the (slow) model load, so bad input fails fast."""
-    from sinkguard.prompts import load_jsonl
+def _model_and_prompts(model: str | None, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int):
+    """Load the model and the prompts; prompt files are validated first, so bad input fails fast."""
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.prompts import default_prompts, load_corpus, load_jsonl
 
     if prompts is not None and corpus is not None:
         raise SinkguardError("give either --prompts or --corpus, not both")
     if corpus is not None and not corpus.exists():
         raise SinkguardError(f"corpus not found: {corpus}")
-    return load_jsonl(prompts) if prompts is not None else None
-
-
-def _load_prompts(model, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int):
-    from sinkguard.prompts import default_prompts, load_corpus
-
-    from_file = _read_prompt_file(prompts, corpus)
+    from_file = load_jsonl(prompts) if prompts is not None else None
+    hf_model = HFSinkModel.load(model)
     if from_file is not None:
-        return from_file
-    tokenize = lambda text: model.tokenize(text, add_bos=False)  # noqa: E731
+        return hf_model, from_file
+    tokenize = lambda text: hf_model.tokenize(text, add_bos=False)  # noqa: E731
     if corpus is not None:
-        return load_corpus(corpus, tokenize, tokens, limit=num_prompts)
-    return default_prompts(tokenize, count=num_prompts, tokens=tokens)
+        return hf_model, load_corpus(corpus, tokenize, tokens, limit=num_prompts)
+    return hf_model, default_prompts(tokenize, count=num_prompts, tokens=tokens)
 
 
 @app.command("pull-model")
@@ -89,7 +85,6 @@ def scan(
 ) -> None:
     """Scan prompts for primary and secondary sinks; write DIR/report.json and figures."""
     from sinkguard.config import load_config
-    from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.profile import SinkProfile
     from sinkguard.scan import scan as run_scan
     from sinkguard.terminal import print_scan_summary
@@ -98,9 +93,7 @@ def scan(
     if not attention:
         settings = settings.model_copy(update={"attention": settings.attention.model_copy(update={"enabled": False})})
     loaded_profile = SinkProfile.load(profile) if profile is not None else None
-    _read_prompt_file(prompts, corpus)
-    hf_model = HFSinkModel.load(model)
-    prompt_list = _load_prompts(hf_model, prompts, corpus, num_prompts, tokens)
+    hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
     result = run_scan(hf_model, prompt_list, settings, profile=loaded_profile)
     written = result.save(out, figures=figures)
     print_scan_summary(result, console)
@@ -121,13 +114,10 @@ def calibrate(
     """Calibrate a sink profile (reference directions, window, forming MLPs, sink heads)."""
     from sinkguard.calibrate import calibrate as run_calibrate
     from sinkguard.config import load_config
-    from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.terminal import print_profile_summary
 
     settings = load_config(config)
-    _read_prompt_file(prompts, corpus)
-    hf_model = HFSinkModel.load(model)
-    prompt_list = _load_prompts(hf_model, prompts, corpus, num_prompts, tokens)
+    hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
     profile, result = run_calibrate(hf_model, prompt_list, settings, out=out)
     if report is not None:
         result.save(report)

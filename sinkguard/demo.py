@@ -72,21 +72,23 @@ def serve_and_query(model, profile_path: Path, prompts, workdir: Path, console: 
 
         with ThreadPoolExecutor(4) as pool:
             bodies = list(pool.map(send, requests))
-        table = Table(title="online detection per request (4 concurrent)", title_justify="left")
-        for column in ("response id", "prefill / decode tokens", "secondary sinks (prefill, decode)", "example"):
+        table = Table(title="online detection per request (4 in flight)", title_justify="left")
+        for column in ("response id", "tokens prefill/decode", "secondary sinks prefill/decode", "strongest sink"):
             table.add_column(column)
         for body in bodies:
             status, found = http_json(server.base_url + f"/sinkguard/requests/{body['id']}")
             record = found["requests"][0]
             secondary = [e for e in record["events"] if e["kind"] == "secondary"]
             phases = [sum(e["phase"] == p for e in secondary) for p in ("prefill", "decode")]
-            example = secondary[0] if secondary else None
-            table.add_row(body["id"][:18] + "...",
-                          f"{record['tokens_scanned']['prefill']} / {record['tokens_scanned']['decode']}",
-                          f"{phases[0]}, {phases[1]}",
-                          f"{example['token']!r} @{example['position']} born L{example['birth_layer']} "
-                          f"lives {example['lifetime']}, formed by MLP {example['forming_layer']}" if example else "-")
+            strongest = max(secondary, key=lambda e: e["mlp_norm_ratio"] or 0.0, default=None)
+            table.add_row(body["id"][:13] + "…",
+                          f"{record['tokens_scanned']['prefill']}/{record['tokens_scanned']['decode']}",
+                          f"{phases[0]}/{phases[1]}",
+                          f"{strongest['token']!r}@{strongest['position']} L{strongest['birth_layer']}+"
+                          f"{strongest['lifetime']} MLP{strongest['forming_layer']} "
+                          f"x{strongest['mlp_norm_ratio']:.0f}" if strongest else "-")
         console.print(table)
+        console.print("strongest sink: token@position, birth layer+lifetime, forming MLP, MLP output / median token")
         with urllib.request.urlopen(server.base_url + "/metrics") as response:
             lines = [line for line in response.read().decode().splitlines()
                      if line.startswith("sinkguard:") and re.search(r"_total|_count", line)]

@@ -190,14 +190,16 @@ class RequestTracker:
                 self.finished.popitem(last=False)
 
     def lookup(self, request_id: str) -> list[dict[str, Any]]:
-        """Records whose id is ``request_id`` or starts with ``request_id + '-'``.
+        """Records of the request(s) a client knows as ``request_id``.
 
-        vLLM appends ``-<prompt index>`` and ``-<8 random chars>`` to the id the client sees.
+        vLLM's internal id is ``<response id>[-<prompt index>]-<8 random chars>``, and the response
+        id is ``cmpl-<X-Request-Id>`` / ``chatcmpl-<X-Request-Id>`` when the client sent that header,
+        so both the response id and the bare header value are accepted.
         """
-        prefix = request_id + "-"
+        prefixes = tuple(f"{p}{request_id}-" for p in ("", "cmpl-", "chatcmpl-"))
         found = []
         for store in (self.live, self.finished):
             for rid, record in store.items():
-                if rid == request_id or rid.startswith(prefix):
+                if rid == request_id or rid.startswith(prefixes):
                     found.append(record.to_dict())
         return found

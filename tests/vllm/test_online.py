@@ -177,6 +177,18 @@ def test_request_can_opt_out_and_cap_events(server, online_prompts):
     assert len(record["events"]) == 1 and record["events_dropped"] >= 1
 
 
+def test_lookup_by_client_request_id_header(server, online_prompts):
+    import json
+
+    request = urllib.request.Request(server.base_url + "/v1/completions", data=json.dumps({
+        "model": "smol", "prompt": online_prompts[6], "max_tokens": 2, "temperature": 0.0}).encode(),
+        headers={"Content-Type": "application/json", "X-Request-Id": "client-chosen-42"})
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200
+    records = lookup(server, "client-chosen-42")
+    assert len(records) == 1 and records[0]["tokens_scanned"]["prefill"] == len(online_prompts[6])
+
+
 def test_unknown_request_is_404(server):
     status, body = http_json(server.base_url + "/sinkguard/requests/cmpl-does-not-exist")
     assert status == 404 and "no record" in body["error"]["message"]

@@ -19,6 +19,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from sinkguard.core.attention import attention_with_received_mass, sink_scores_from_received
+from sinkguard.errors import ModelLoadError
 
 ATTENTION_IMPLEMENTATION = "sinkguard"
 
@@ -71,7 +72,10 @@ def sinkguard_attention_forward(
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
-        raise NotImplementedError("sinkguard's scanning attention does not support sliding-window layers yet")
+        raise ModelLoadError(
+            f"{type(module).__name__} uses sliding-window attention, which sinkguard's attention sink scores do "
+            "not support yet; scan with --no-attention (the hidden-state detector still works)"
+        )
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     output, received = attention_with_received_mass(query, key, value, scale, chunk=recorder.chunk)
     recorder.record(module.layer_idx, received)

@@ -8,8 +8,9 @@ multi-tenant server that merely has sinkguard installed is unchanged. When enabl
 2. wraps the model runners' ``load_model`` so that, right after the weights load, each worker
    checks the engine settings and the profile against the loaded weights and installs
    :class:`~sinkguard.engines.vllm.runtime.VllmSinkRuntime`;
-3. adds the control-plane methods ``sinkguard_lookup`` / ``sinkguard_status`` to vLLM's worker
-   base class, reached from the API server through ``collective_rpc`` (see ``routes.py``).
+3. adds the control-plane methods ``sinkguard_lookup`` / ``sinkguard_status`` /
+   ``sinkguard_set_detection`` to vLLM's worker base class, reached through ``collective_rpc``
+   (see ``routes.py``).
 """
 
 from __future__ import annotations
@@ -97,6 +98,19 @@ def sinkguard_status(self: Any) -> dict[str, Any]:
     return runtime.status() if runtime is not None else {"enabled": False}
 
 
+def sinkguard_set_detection(self: Any, enabled: bool) -> bool:
+    """Worker RPC: remove or reinstall the hooks at run time (an A/B of the detector's own cost,
+    or an operator's kill switch). Returns whether hooks are installed now."""
+    runtime = _runtime_of(self)
+    if runtime is None:
+        return False
+    if enabled and not runtime.installed:
+        runtime.install()
+    elif not enabled and runtime.installed:
+        runtime.remove()
+    return runtime.installed
+
+
 def register() -> None:
     """The entry point. Idempotent (vLLM may call it more than once per process)."""
     config = enabled_config()  # raises ConfigError (naming the field) on a bad config
@@ -114,3 +128,4 @@ def register() -> None:
         pass
     WorkerBase.sinkguard_lookup = sinkguard_lookup  # type: ignore[attr-defined]
     WorkerBase.sinkguard_status = sinkguard_status  # type: ignore[attr-defined]
+    WorkerBase.sinkguard_set_detection = sinkguard_set_detection  # type: ignore[attr-defined]

@@ -108,6 +108,11 @@ class VllmSinkRuntime:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._active = False
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
 
     # -- hooks --------------------------------------------------------------------------------
     def _batch_layout(self) -> tuple[np.ndarray, list[str]] | None:
@@ -214,7 +219,7 @@ class VllmSinkRuntime:
 
     def status(self) -> dict[str, Any]:
         return {
-            "enabled": True,
+            "enabled": self.installed,
             "model": self.profile.model.name,
             "fingerprint": self.profile.model.fingerprint,
             "window_layers": self.profile.meta.window_layers,
