@@ -15,7 +15,6 @@ function the offline scanner uses.
 
 from __future__ import annotations
 
-import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -88,7 +87,7 @@ class StepDetector:
         if not all(self._seen):
             return None
         n = self._tokens
-        if self._tokens <= self.buffer_tokens and self._buffers is not None:
+        if n <= self.buffer_tokens and self._buffers is not None:
             hidden, mlp = self._buffers[0][:, :n], self._buffers[1][:, :n]
             stats = layer_statistics(hidden, mlp, self._reference(hidden.device), unit_references=True)
             # [L, 1, N] dots -> [1, L, N], as stack_layers lays them out
@@ -100,7 +99,6 @@ class StepDetector:
     def finish(self, positions: np.ndarray) -> list[tuple[int, SinkEvent]]:
         """``(column, event)`` for every flagged token of the step; columns index the N tokens."""
         stats = self._statistics()
-        self._layers = [None] * self.num_layers
         if stats is None:
             return []
         positions = np.asarray(positions)
@@ -132,7 +130,6 @@ class RequestRecord:
     events_dropped: int = 0
     kinds: Counter = field(default_factory=Counter)
     finished: bool = False
-    started: float = field(default_factory=time.time)
 
     def add(self, event: SinkEvent, phase: str) -> None:
         self.kinds["reference" if event.is_reference else event.kind] += 1
@@ -166,17 +163,20 @@ class RequestTracker:
         self.max_events_cap = max_events_cap
 
     def get(self, request_id: str, extra_args: dict[str, Any] | None, prompt_tokens: int) -> RequestRecord:
+        """The live record of ``request_id``, created (options parsed once) on first sight."""
         record = self.live.get(request_id)
         if record is None:
-            try:
-                options = RequestOptions.from_extra_args(extra_args)
-            except Exception:  # validated at the API server; never fail a batch in the worker
-                options = RequestOptions()
-            if options.max_events > self.max_events_cap:
-                options = options.model_copy(update={"max_events": self.max_events_cap})
-            record = RequestRecord(request_id, options, prompt_tokens=prompt_tokens)
-            self.live[request_id] = record
+            record = self.live[request_id] = self._new_record(request_id, extra_args, prompt_tokens)
         return record
+
+    def _new_record(self, request_id: str, extra_args: dict[str, Any] | None, prompt_tokens: int) -> RequestRecord:
+        try:
+            options = RequestOptions.from_extra_args(extra_args)
+        except Exception:  # validated at the API server; never fail a batch in the worker
+            options = RequestOptions()
+        if options.max_events > self.max_events_cap:
+            options = options.model_copy(update={"max_events": self.max_events_cap})
+        return RequestRecord(request_id, options, prompt_tokens=prompt_tokens)
 
     def retire_missing(self, running: Container[str], on_retire: Callable[[RequestRecord], None] | None = None) -> None:
         """Move records of requests the engine no longer runs (finished or aborted) to the LRU."""

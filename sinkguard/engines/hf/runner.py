@@ -7,6 +7,7 @@ holds more than one layer's ``T x hidden`` activations beyond what the model its
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -128,11 +129,11 @@ class HFSinkModel:
             def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
                 hidden = (output[0] if isinstance(output, tuple) else output)[0]
                 mlp_out = mlp_outputs.pop(index)
-                if reference_directions is not None:
-                    refs = reference_directions[index : index + 1].to(hidden.dtype)
+                if reference_directions is not None:  # a profile's unit float32 directions
+                    per_layer[index] = layer_statistics(hidden, mlp_out, reference_directions[index : index + 1],
+                                                        unit_references=True)
                 else:
-                    refs = hidden[:num_refs]
-                per_layer[index] = layer_statistics(hidden, mlp_out, refs)
+                    per_layer[index] = layer_statistics(hidden, mlp_out, hidden[:num_refs])
                 ref_hidden[index] = hidden[:num_refs].float().clone()
                 ref_mlp[index] = mlp_out[:num_refs].float().clone()
 
@@ -147,9 +148,7 @@ class HFSinkModel:
             recorder = None
             if attention is not None and attention.enabled:
                 recorder = AttentionRecorder(len(layers), attention.min_votes, attention.query_chunk)
-                with recording(recorder):
-                    self._forward(input_ids)
-            else:
+            with recording(recorder) if recorder is not None else nullcontext():
                 self._forward(input_ids)
         finally:
             for handle in handles:

@@ -64,7 +64,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     return runtime
 
 
-def _wrap_load_model(runner_cls: type) -> None:
+def _wrap_load_model(runner_cls: type, config: ServeConfig) -> None:
     original = runner_cls.load_model
     if getattr(original, "_sinkguard_wrapped", False):
         return
@@ -72,8 +72,7 @@ def _wrap_load_model(runner_cls: type) -> None:
     @functools.wraps(original)
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
         result = original(self, *args, **kwargs)
-        config = enabled_config()
-        if config is not None and getattr(self, _RUNTIME_ATTR, None) is None:
+        if getattr(self, _RUNTIME_ATTR, None) is None:  # a subclass may call super().load_model
             install_runtime(self, config)
         return result
 
@@ -119,11 +118,11 @@ def register() -> None:
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    _wrap_load_model(GPUModelRunner)
+    _wrap_load_model(GPUModelRunner, config)
     try:  # the CPU runner overrides load_model
         from vllm.v1.worker.cpu_model_runner import CPUModelRunner
 
-        _wrap_load_model(CPUModelRunner)
+        _wrap_load_model(CPUModelRunner, config)
     except ImportError:
         pass
     WorkerBase.sinkguard_lookup = sinkguard_lookup  # type: ignore[attr-defined]

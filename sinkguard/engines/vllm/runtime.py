@@ -88,6 +88,7 @@ class VllmSinkRuntime:
         self.total_seconds = 0.0  # detector time (hooks + detection), all steps
         self._active = False
         self._num_tokens = 0
+        self._layout: tuple[np.ndarray, list[str]] | None = None
         self._input_ids: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._elapsed = 0.0
@@ -165,11 +166,11 @@ class VllmSinkRuntime:
         n = self._num_tokens
         positions = self._positions[:n].cpu().numpy()
         events = self.detector.finish(positions)
-        self.steps += 1
-        self.total_seconds += self._elapsed + (time.perf_counter() - start)
         if self.record:
             self._record(positions, events)
         self._elapsed += time.perf_counter() - start
+        self.steps += 1
+        self.total_seconds += self._elapsed
         if self.metrics is not None:
             self.metrics.detector_seconds.labels(self.model_name).observe(self._elapsed)
 
@@ -178,10 +179,8 @@ class VllmSinkRuntime:
         query_start, request_ids = self._layout
         records = []
         for i, request_id in enumerate(request_ids):
-            state = self.runner.requests.get(request_id)
-            prompt_len = len(state.prompt_token_ids or ()) if state is not None else 0
-            extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
-            record = self.tracker.get(request_id, extra, prompt_len)
+            record = self.tracker.live.get(request_id) or self._first_sight(request_id)
+            prompt_len = record.prompt_tokens
             lo, hi = int(query_start[i]), int(query_start[i + 1])
             prefill = int(np.sum(positions[lo:hi] < prompt_len))
             if record.options.detect:
@@ -207,6 +206,13 @@ class VllmSinkRuntime:
             record.add(event, "prefill" if event.position < prompt_len else "decode")
             if self.metrics is not None and not event.is_reference:
                 self.metrics.sinks_detected.labels(self.model_name, event.kind, str(event.birth_layer)).inc()
+
+    def _first_sight(self, request_id: str) -> Any:
+        """Open a record with the request's prompt length and options (once, not every step)."""
+        state = self.runner.requests.get(request_id)
+        prompt_len = len(state.prompt_token_ids or ()) if state is not None else 0
+        extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
+        return self.tracker.get(request_id, extra, prompt_len)
 
     def _on_retire(self, _record: Any) -> None:
         if self.metrics is not None:
