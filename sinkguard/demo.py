@@ -9,19 +9,12 @@ from __future__ import annotations
 
 import json
 import re
-import socket
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: bool = True) -> None:
@@ -52,10 +45,10 @@ def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: 
 
 def serve_and_query(model, profile_path: Path, prompts, workdir: Path, console: Console) -> None:
     from sinkguard.config import ServeConfig
-    from sinkguard.engines.vllm.server import RunningServer, http_json, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer, free_port, http_json, prepare_launch
 
     launch = prepare_launch(model.source.path, ServeConfig(profile=str(profile_path)), "smollm2",
-                            port=_free_port(), extra_args=["--max-model-len", "2048", "--dtype", "float32"],
+                            port=free_port(), extra_args=["--max-model-len", "2048", "--dtype", "float32"],
                             workdir=workdir)
     console.print(f"starting vLLM at {launch.base_url} (log {workdir / 'server.log'}) ...")
     bos = model.tokenizer.bos_token_id

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -20,12 +19,6 @@ import pytest
 from sinkguard.config import ServeConfig
 
 MAX_TOKENS = 24
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -74,7 +67,7 @@ def engine_outputs(hf_model, online_prompts, served_profile, tmp_path_factory) -
 @pytest.fixture(scope="session")
 def server(hf_model, served_profile, plain_outputs, engine_outputs, tmp_path_factory):
     """The sinkguard server (started after the offline engines: they would share 2 cores)."""
-    from sinkguard.engines.vllm.server import RunningServer, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
 
     profile_path, _ = served_profile
     launch = prepare_launch(hf_model.source.path, ServeConfig(profile=str(profile_path), max_finished_requests=512),

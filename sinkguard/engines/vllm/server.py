@@ -22,7 +22,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from sinkguard.config import ServeConfig
@@ -34,6 +34,15 @@ REFUSED_ARGS = {
     "--compilation-config": "compiled mode runs no PyTorch hooks; sinkguard needs eager mode",
     "-O": "compiled mode runs no PyTorch hooks; sinkguard needs eager mode",
 }
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nobody listens on right now (for servers started by tests and the demo)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
 def _is_cpu_build() -> bool:
@@ -55,7 +64,6 @@ class ServerLaunch:
     workdir: Path
     port: int
     host: str = "127.0.0.1"
-    extra_cleanup: list[Path] = field(default_factory=list)
 
     @property
     def base_url(self) -> str:
