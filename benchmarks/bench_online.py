@@ -2,26 +2,29 @@
 
 Configurations (engine start-up excluded from timings):
 
-- ``ab``: one engine with the sinkguard plugin; every run measures it twice, with the detector's
-  hooks installed and removed (``sinkguard_set_detection`` over ``collective_rpc``), in
-  alternating order. Without hooks the engine runs exactly plain vLLM's code path, so the paired
-  ratio is the detector's cost, free of the run-to-run drift of a shared 2-core machine
-  (separate processes drifted by +-10% between runs here);
+- ``steps`` (the headline number): one in-process engine with the plugin, driven one engine step
+  at a time (``LLMEngine.step``); the detector's hooks are installed and removed between steps
+  (on, off, off, on, ...) so every decode step is paired with its neighbour, which does the same
+  work one token later. Removed hooks = plain vLLM's code path. On a shared 2-core VM whose
+  speed drifts by +-10% over seconds, only pairs this close resolve a 1-3% difference. Reports
+  the median paired ratio of decode steps with a bootstrap 95% interval, the prefill step's ratio
+  (prefill alternates between repetitions), and the throughput ratio they imply for the workload;
+- ``ab``: the same engine (multiprocess, as served), hooks toggled between whole workloads in
+  alternating order (``sinkguard_set_detection`` over ``collective_rpc``);
 - ``plain-eager``: plain vLLM with the settings sinkguard requires (``enforce_eager``, no prefix
   cache), in its own process without the plugin;
 - ``sinkguard``: the same plus the plugin, in its own process;
 - ``plain-default``: vLLM's default mode (torch.compile, prefix caching), to show what the
   required settings cost by themselves.
 
-All three run the float32 weights in float32 (vLLM's CPU default would be bf16).
+All run the float32 weights in float32 (vLLM's CPU default would be bf16).
 
 Workloads (greedy, ``ignore_eos``): a batch of 32 prompts x 128 output tokens (throughput, output
-tokens/s) and single-stream decode of one prompt (time per output token, from a 1-token and a
-129-token generation). Each measured ``--runs`` times after a warm-up; medians reported.
+tokens/s) and single-stream decode of one prompt (time per output token). Each measured
+``--runs`` times after a warm-up; medians reported.
 
-    python benchmarks/bench_online.py --runs 5
-"""
-
+    python benchmarks/bench_online.py --configs steps --runs 6
+    python benchmarks/bench_online.py --runs 5 --configs plain-eager sinkguard plain-default
 from __future__ import annotations
 
 import argparse
@@ -33,7 +36,7 @@ import sys
 import tempfile
 import time
 
-CONFIGS = ("ab", "plain-eager", "sinkguard", "plain-default")
+CONFIGS = ("steps", "ab", "plain-eager", "sinkguard", "plain-default")
 
 
 def prompts(count: int, length: int) -> list[list[int]]:
@@ -50,7 +53,9 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
 
     model_dir = str(ensure_embedded_model().path)
     batch_prompts = prompts(batch, 128)
-    if config in ("sinkguard", "ab"):
+    if config == "steps":  # drive the engine core in this process, one step at a time
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    if config in ("sinkguard", "ab", "steps"):
         from sinkguard.calibrate import profile_for_model
         from sinkguard.config import ServeConfig
 
@@ -82,6 +87,8 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
         return batch * output_tokens / elapsed, (full - first) / output_tokens
 
     generate(batch_prompts[:4], 8)  # warm-up
+    if config == "steps":
+        return {"config": config, **stepped_pairs(llm, batch_prompts, runs, output_tokens)}
     if config == "ab":
         results: dict[bool, dict[str, list[float]]] = {s: {"throughput": [], "tpot": []} for s in (True, False)}
         for run in range(runs):
@@ -97,6 +104,96 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
         throughput.append(t)
         tpot.append(p)
     return {"config": config, "throughput": throughput, "tpot": tpot}
+
+
+def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens: int) -> dict:
+    """Per-step paired timings with the detector's hooks toggled between engine steps."""
+    from vllm import SamplingParams
+
+    engine = llm.llm_engine
+    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
+    state = {"on": None}
+
+    def set_detection(on: bool) -> None:
+        if state["on"] != on:
+            assert llm.collective_rpc("sinkguard_set_detection", args=(on,)) == [on]
+            state["on"] = on
+
+    def status() -> dict:
+        return llm.collective_rpc("sinkguard_status")[0]
+
+    def run(name: str, items: list[list[int]], prefill_on: bool) -> list[tuple[bool, float]]:
+        for i, prompt in enumerate(items):
+            engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt}, params)
+        times, step = [], 0
+        while engine.has_unfinished_requests():
+            # step 0 is the prefill (the whole batch fits one step); decode steps go on, off, off, on, ...
+            on = prefill_on if step == 0 else (step - 1) % 4 in (0, 3)
+            set_detection(on)
+            start = time.perf_counter()
+            engine.step()
+            times.append((on, time.perf_counter() - start))
+            step += 1
+        return times
+
+    out = {}
+    for workload, items in (("batch", batch_prompts), ("single", batch_prompts[:1])):
+        decode_pairs, prefill, decode_off = [], {True: [], False: []}, []
+        before = status()
+        for r in range(2 * runs):  # prefill alternates on/off between repetitions
+            times = run(f"{workload}-{r}", items, prefill_on=r % 2 == 0)
+            prefill[times[0][0]].append(times[0][1])
+            decode = times[1:]
+            for (on_a, a), (_, b) in zip(decode[0::2], decode[1::2]):
+                decode_pairs.append(a / b if on_a else b / a)
+                decode_off.append(b if on_a else a)
+        after = status()
+        out[workload] = {
+            "decode_pairs": decode_pairs,
+            "decode_off_median_s": statistics.median(decode_off),
+            "decode_steps_per_run": len(times) - 1,
+            "prefill_on": prefill[True], "prefill_off": prefill[False],
+            "detector_ms_per_step": 1e3 * (after["detector_seconds"] - before["detector_seconds"])
+            / max(1, after["steps"] - before["steps"]),
+            "zero_copy_capture": after["zero_copy_capture"], "unscanned_steps": after["unscanned_steps"],
+        }
+    set_detection(True)
+    return out
+
+
+def bootstrap_median(values: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of the median."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    data = np.asarray(values)
+    medians = np.median(data[rng.integers(0, data.size, (draws, data.size))], axis=1)
+    return float(np.percentile(medians, 2.5)), float(np.percentile(medians, 97.5))
+
+
+def report_steps(data: dict, batch: int, output_tokens: int) -> None:
+    print("| workload | paired decode steps | decode step on/off (median, 95% CI) | prefill on/off | "
+          "workload time on/off | detector ms/step |")
+    print("|---|---|---|---|---|---|")
+    for workload in ("batch", "single"):
+        w = data[workload]
+        pairs = w["decode_pairs"]
+        decode_ratio = statistics.median(pairs)
+        low, high = bootstrap_median(pairs)
+        prefill_ratio = statistics.median(a / b for a, b in zip(w["prefill_on"], w["prefill_off"]))
+        prefill_off = statistics.median(w["prefill_off"])
+        decode_off = w["decode_off_median_s"] * w["decode_steps_per_run"]
+        # The workload's time with detection on, from its parts' ratios (prefill + decode steps).
+        total_ratio = (prefill_off * prefill_ratio + decode_off * decode_ratio) / (prefill_off + decode_off)
+        label = f"{batch} x {output_tokens} (throughput)" if workload == "batch" else "single stream (TPOT)"
+        print(f"| {label} | {len(pairs)} | {decode_ratio:.4f} ({low:.4f}-{high:.4f}) | {prefill_ratio:.4f} | "
+              f"{total_ratio:.4f} | {w['detector_ms_per_step']:.2f} |")
+        if workload == "batch":
+            print(f"\nthroughput {100 * (1 / total_ratio - 1):+.1f}%", end="; ", file=sys.stderr)
+        else:
+            print(f"TPOT {100 * (decode_ratio - 1):+.1f}% (zero-copy capture: {w['zero_copy_capture']}, "
+                  f"unscanned steps: {w['unscanned_steps']})", file=sys.stderr)
+    print()
 
 
 def main() -> None:
@@ -121,6 +218,9 @@ def main() -> None:
             print(f"{config} failed: {proc.stderr[-2000:]}", file=sys.stderr)
             continue
         data = json.loads(line[len("RESULT "):])
+        if config == "steps":
+            report_steps(data, args.batch, args.output_tokens)
+            continue
         if config == "ab":
             on, off = data["on"], data["off"]
             thr = [a / b for a, b in zip(on["throughput"], off["throughput"])]

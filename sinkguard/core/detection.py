@@ -204,6 +204,8 @@ def detect_columns(
     """
     flags = flag_matrix(hidden_cos, window, config.cos_threshold)
     events = detect_sinks(flags, window, config, num_layers=num_layers, positions=positions)
+    if not events:  # the common case online: a decode step without sinks
+        return events
     columns = None
     if positions is not None:
         columns = {int(p): i for i, p in enumerate(positions)}

@@ -15,6 +15,7 @@ function the offline scanner uses.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Container
 from dataclasses import dataclass, field
@@ -25,82 +26,148 @@ import torch
 
 from sinkguard.config import DetectorConfig, RequestOptions
 from sinkguard.core.detection import SinkEvent, detect_columns
-from sinkguard.core.trace import LayerStatistics, layer_statistics, stack_layers, to_arrays, unit_rows
+from sinkguard.core.trace import LayerStatistics, layer_statistics, pair_statistics, stack_layers, unit_rows
 from sinkguard.profile import SinkProfile
+
+logger = logging.getLogger("sinkguard")
 
 
 class StepDetector:
     """Detects sinks among the tokens of one engine step against a profile's reference.
 
-    Small steps (decode, up to ``buffer_tokens`` tokens) copy each layer's activations into a
-    persistent ``[L, buffer_tokens, d]`` buffer and reduce all layers at once at the end: two
-    tiny ops per layer instead of five, which is what decode latency is made of. Large steps
-    (prefill) reduce each layer as it comes, so memory stays O(tokens x d).
+    How a layer's activations are captured depends on the step's size, because on a CPU every
+    torch op issued between two decoder layers costs tens of microseconds (the layer's weights
+    have just flushed the caches) while a decode step is only tens of milliseconds:
+
+    - small steps (decode; up to ``buffer_tokens`` tokens) keep *references* to each layer's MLP
+      output and residual, no op at all, and reduce all layers at once at the end. This is only
+      right if the engine never overwrites a layer's outputs in place later in the step (vLLM's
+      GPU fused add+RMSNorm does exactly that), so the first ``verify_steps`` small steps also
+      copy the activations and compare; any difference, or two layers' outputs sharing memory
+      later on, switches to copying for good;
+    - in copy mode each layer's activations go side by side into a persistent
+      ``[L, buffer_tokens, 2d]`` buffer with one ``torch.cat``;
+    - large steps (prefill) reduce each layer as it comes, so memory stays O(tokens x d).
     """
 
-    def __init__(self, profile: SinkProfile, config: DetectorConfig | None = None, buffer_tokens: int = 256) -> None:
+    def __init__(self, profile: SinkProfile, config: DetectorConfig | None = None, buffer_tokens: int = 256,
+                 verify_steps: int = 8) -> None:
         self.config = config or profile.meta.detector
         self.num_layers = profile.model.num_layers
         self.references = profile.reference_hidden_tensor()  # [L, d] unit rows
+        self.hidden_size = int(self.references.shape[-1])
         self.window = profile.window_mask()
         self.mlp_median = profile.median_mlp_norm
         self.reference_position = profile.reference_position
         self.buffer_tokens = buffer_tokens
-        self._layers: list[LayerStatistics | None] = [None] * self.num_layers
-        self._seen: list[bool] = [False] * self.num_layers
+        self.zero_copy = True  # until the engine is seen to overwrite layer outputs in place
+        self.verify_steps = verify_steps
+        self.unscanned_steps = 0  # steps whose activations could not be trusted (reported, not guessed)
         self._tokens = 0
-        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._observed = 0
+        self._small = False
+        self._copying = False
+        self._captured: list[torch.Tensor | None] = [None] * (2 * self.num_layers)  # zero-copy: MLP out, residual per layer
+        self._layers: list[LayerStatistics | None] = [None] * self.num_layers  # per-layer reductions
+        self._buffer: torch.Tensor | None = None  # [L, buffer_tokens, 2d]: MLP output | residual
+        self._slots: list[torch.Tensor] = []  # this step's per-layer views of the buffer
+        self._slots_by_size: dict[int, list[torch.Tensor]] = {}
         self._references_on: dict[torch.device, torch.Tensor] = {}
+        self._reference_columns_on: dict[torch.device, torch.Tensor] = {}
 
     def _reference(self, device: torch.device) -> torch.Tensor:
         if device not in self._references_on:
             self._references_on[device] = unit_rows(self.references.to(device, torch.float32))[:, None, :]
         return self._references_on[device]  # [L, 1, d]
 
-    def start(self, num_tokens: int) -> None:
-        self._tokens = num_tokens
-        self._layers = [None] * self.num_layers
-        self._seen = [False] * self.num_layers
+    def _reference_columns(self, device: torch.device) -> torch.Tensor:
+        if device not in self._reference_columns_on:
+            self._reference_columns_on[device] = self._reference(device).transpose(1, 2).contiguous()
+        return self._reference_columns_on[device]  # [L, d, 1]
 
-    def _buffered(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
-        if self._tokens > self.buffer_tokens:
-            return None
-        if self._buffers is None or self._buffers[0].device != like.device:
-            shape = (self.num_layers, self.buffer_tokens, like.shape[-1])
-            self._buffers = (torch.empty(shape, device=like.device), torch.empty(shape, device=like.device))
-        return self._buffers
+    def start(self, num_tokens: int, device: torch.device | str = "cpu") -> None:
+        """Begin a step of ``num_tokens`` tokens whose activations live on ``device``."""
+        self._tokens = num_tokens
+        self._observed = 0
+        self._small = num_tokens <= self.buffer_tokens
+        self._copying = self._small and (not self.zero_copy or self.verify_steps > 0)
+        if self._copying:
+            self._slots = self._buffer_slots(num_tokens, torch.device(device))
+
+    def _buffer_slots(self, num_tokens: int, device: torch.device) -> list[torch.Tensor]:
+        # Views are cached per step size: decode steps repeat the same few sizes, and slicing 30
+        # views anew every step would cost as much as the copies themselves.
+        if self._buffer is None or self._buffer.device != device:
+            shape = (self.num_layers, self.buffer_tokens, 2 * self.hidden_size)
+            self._buffer = torch.empty(shape, device=device, dtype=torch.float32)
+            self._slots_by_size.clear()
+        slots = self._slots_by_size.get(num_tokens)
+        if slots is None:
+            if len(self._slots_by_size) >= 32:
+                self._slots_by_size.clear()
+            slots = self._slots_by_size[num_tokens] = [self._buffer[layer, :num_tokens]
+                                                       for layer in range(self.num_layers)]
+        return slots
 
     def observe(self, layer: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
         """One layer's MLP output and the residual stream it is added to, ``[N, d]`` each."""
         n = self._tokens
-        buffers = self._buffered(mlp_out)
-        if buffers is not None:
-            torch.add(mlp_out[:n], residual[:n], out=buffers[0][layer, :n])
-            buffers[1][layer, :n].copy_(mlp_out[:n])
+        if mlp_out.shape[0] != n:  # an engine may pad the batch
+            mlp_out, residual = mlp_out[:n], residual[:n]
+        if self._small:
+            if self.zero_copy:
+                self._captured[2 * layer] = mlp_out
+                self._captured[2 * layer + 1] = residual
+            if self._copying:
+                torch.cat((mlp_out, residual), dim=-1, out=self._slots[layer])
         else:
-            hidden = mlp_out[:n] + residual[:n]
-            self._layers[layer] = layer_statistics(hidden, mlp_out[:n], self._reference(mlp_out.device)[layer],
+            self._layers[layer] = layer_statistics(mlp_out + residual, mlp_out, self._reference(mlp_out.device)[layer],
                                                    unit_references=True)
-        self._seen[layer] = True
+        self._observed += 1
+
+    def _small_step_pair(self) -> torch.Tensor | None:
+        """The step's activations as ``[L, 2, N, d]`` float32 (MLP output, residual), or None when
+        the zero-copy references cannot be trusted."""
+        num_layers, n, d = self.num_layers, self._tokens, self.hidden_size
+        referenced = None
+        if self.zero_copy:
+            tensors = self._captured
+            if len(set(map(torch.Tensor.data_ptr, tensors))) < len(tensors):  # an output's memory was reused
+                self._stop_zero_copy("two layers' outputs share memory")
+                return None
+            referenced = torch.stack(tensors).view(num_layers, 2, n, d).float()
+        if not self._copying:
+            return referenced
+        copied = self._buffer[:, :n].view(num_layers, n, 2, d).transpose(1, 2).contiguous()
+        if referenced is not None:
+            self.verify_steps -= 1
+            if not torch.equal(referenced, copied):
+                self._stop_zero_copy("a layer's outputs changed after the layer returned")
+        return copied
+
+    def _stop_zero_copy(self, why: str) -> None:
+        logger.warning("sinkguard: %s; capturing activations by copy from now on", why)
+        self.zero_copy = False
 
     def _statistics(self) -> dict[str, np.ndarray] | None:
-        if not all(self._seen):
+        if self._observed != self.num_layers:
             return None
-        n = self._tokens
-        if n <= self.buffer_tokens and self._buffers is not None:
-            hidden, mlp = self._buffers[0][:, :n], self._buffers[1][:, :n]
-            stats = layer_statistics(hidden, mlp, self._reference(hidden.device), unit_references=True)
-            # [L, 1, N] dots -> [1, L, N], as stack_layers lays them out
-            stats.hidden_dot = stats.hidden_dot.transpose(0, 1)
-            stats.mlp_dot = stats.mlp_dot.transpose(0, 1)
-            return to_arrays(stats)
-        return stack_layers([s for s in self._layers if s is not None])
+        if not self._small:
+            return stack_layers([s for s in self._layers if s is not None])
+        pair = self._small_step_pair()
+        self._captured = [None] * (2 * self.num_layers)  # release the step's activations
+        if pair is None:
+            return None
+        pair[:, 1] += pair[:, 0]  # residual + MLP output = the layer's output hidden state
+        return pair_statistics(pair, self._reference_columns(pair.device))
 
-    def finish(self, positions: np.ndarray) -> list[tuple[int, SinkEvent]]:
-        """``(column, event)`` for every flagged token of the step; columns index the N tokens."""
+    def finish(self, positions: np.ndarray) -> list[tuple[int, SinkEvent]] | None:
+        """``(column, event)`` for every flagged token of the step (columns index the N tokens),
+        or None when the step could not be scanned (incomplete, or untrustworthy activations)."""
         stats = self._statistics()
         if stats is None:
-            return []
+            self.unscanned_steps += 1
+            return None
         positions = np.asarray(positions)
         columns = np.arange(positions.shape[0])
         events = detect_columns(

@@ -36,17 +36,62 @@ def test_step_detector_finds_planted_sink(profile, buffer_tokens):
     assert events[0][1].mlp_cos == pytest.approx(1.0, abs=1e-5)
 
 
-def test_buffered_and_per_layer_paths_agree(profile):
+def run_step(detector, residual, mlp, positions=None):
+    detector.start(residual.shape[1])
+    for layer in range(residual.shape[0]):
+        detector.observe(layer, mlp[layer], residual[layer])
+    return detector.finish(np.arange(residual.shape[1]) if positions is None else positions)
+
+
+def capture_statistics(detector, residual, mlp):
+    detector.start(residual.shape[1])
+    for layer in range(residual.shape[0]):
+        detector.observe(layer, mlp[layer], residual[layer])
+    return detector._statistics()
+
+
+def test_capture_modes_agree(profile):
+    """Per-layer reduction, copying, verified zero-copy and a verification step give the same numbers."""
     residual, mlp = planted_step(profile, tokens=40, seed=1)
-    results = []
-    for buffer_tokens in (0, 256):
-        detector = StepDetector(profile, buffer_tokens=buffer_tokens)
-        detector.start(40)
-        for layer in range(profile.model.num_layers):
-            detector.observe(layer, mlp[layer], residual[layer])
-        results.append(detector._statistics())
-    for name in results[0]:
-        np.testing.assert_allclose(results[0][name], results[1][name], rtol=1e-5, atol=1e-5)
+    per_layer = StepDetector(profile, buffer_tokens=0)
+    copying = StepDetector(profile)
+    copying.zero_copy = False
+    verifying = StepDetector(profile, verify_steps=1)
+    zero_copy = StepDetector(profile, verify_steps=0)
+    results = [capture_statistics(d, residual, mlp) for d in (per_layer, copying, verifying, zero_copy)]
+    assert verifying.zero_copy and verifying.verify_steps == 0  # verified, not demoted
+    for other in results[1:]:
+        for name in results[0]:
+            np.testing.assert_allclose(other[name], results[0][name], rtol=1e-5, atol=1e-5)
+
+
+def test_in_place_overwrite_is_caught_by_verification(profile):
+    """An engine that overwrites a layer's outputs after the layer returned (vLLM's GPU fused
+    add+RMSNorm does) must not corrupt detection: the verification copy wins and zero-copy stops."""
+    residual, mlp = planted_step(profile)
+    detector = StepDetector(profile, verify_steps=4)
+    detector.start(6)
+    for layer in range(profile.model.num_layers):
+        detector.observe(layer, mlp[layer], residual[layer])
+        if layer > 0:  # the next layer's norm overwrites the previous layer's residual in place
+            residual[layer - 1].mul_(-3.0)
+    events = detector.finish(np.arange(6))
+    assert not detector.zero_copy
+    assert [(c, e.birth_layer, e.lifetime) for c, e in events] == [(3, 2, 7)]
+    residual, mlp = planted_step(profile)
+    assert [(c, e.birth_layer) for c, e in run_step(detector, residual, mlp)] == [(3, 2)]  # copy mode works
+
+
+def test_shared_memory_after_verification_marks_the_step_unscanned(profile):
+    residual, mlp = planted_step(profile)
+    detector = StepDetector(profile, verify_steps=0)
+    shared = residual[0].clone()
+    detector.start(6)
+    for layer in range(profile.model.num_layers):
+        detector.observe(layer, mlp[layer], shared)  # every layer hands back the same storage
+    assert detector.finish(np.arange(6)) is None
+    assert detector.unscanned_steps == 1 and not detector.zero_copy
+    assert [(c, e.birth_layer) for c, e in run_step(detector, residual, mlp)] == [(3, 2)]
 
 
 def test_incomplete_step_reports_nothing(profile):
@@ -54,7 +99,8 @@ def test_incomplete_step_reports_nothing(profile):
     residual, mlp = planted_step(profile)
     detector.start(6)
     detector.observe(0, mlp[0], residual[0])
-    assert detector.finish(np.arange(6)) == []
+    assert detector.finish(np.arange(6)) is None
+    assert detector.unscanned_steps == 1
 
 
 def test_tracker_is_bounded_and_retires_finished_requests():

@@ -216,3 +216,14 @@ def test_aborted_request_is_retired(server, online_prompts):
     assert record["tokens_scanned"]["decode"] < 399  # it did not run to the end
     status, body = http_json(server.base_url + "/sinkguard/status")
     assert status == 200 and body["workers"][0]["steps"] > 0
+
+
+def test_cpu_engine_keeps_zero_copy_capture(server, online_prompts):
+    """vLLM's CPU layers never overwrite their outputs in place, so the verification steps keep the
+    zero-copy capture on (the agreement tests above then exercise it), and no step went unscanned."""
+    complete(server, online_prompts[6], max_tokens=16)
+    status, body = http_json(server.base_url + "/sinkguard/status")
+    worker = body["workers"][0]
+    assert status == 200 and worker["steps"] > 8  # past the verification steps
+    assert worker["zero_copy_capture"] is True
+    assert worker["unscanned_steps"] == 0

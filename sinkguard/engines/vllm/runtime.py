@@ -144,17 +144,17 @@ class VllmSinkRuntime:
         self._positions = kwargs.get("positions", args[0] if args else None)
         self._input_ids = self.runner.input_ids.cpu
         self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
-        self.detector.start(self._num_tokens)
+        self.detector.start(self._num_tokens, self._positions.device)
         self._elapsed = time.perf_counter() - start
 
     def _layer_hook(self, index: int):
+        observe = self.detector.observe  # runs 30x per step: keep the closure lean
+
         def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            if not self._active:
-                return
-            start = time.perf_counter()
-            mlp_out, residual = output  # vLLM's layers return (mlp output, residual before it)
-            self.detector.observe(index, mlp_out, residual)
-            self._elapsed += time.perf_counter() - start
+            if self._active:
+                start = time.perf_counter()
+                observe(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
+                self._elapsed += time.perf_counter() - start
 
         return hook
 
@@ -166,7 +166,7 @@ class VllmSinkRuntime:
         n = self._num_tokens
         positions = self._positions[:n].cpu().numpy()
         events = self.detector.finish(positions)
-        if self.record:
+        if self.record and events is not None:  # None: the step's activations were not usable
             self._record(positions, events)
         self._elapsed += time.perf_counter() - start
         self.steps += 1
@@ -177,33 +177,38 @@ class VllmSinkRuntime:
     # -- bookkeeping --------------------------------------------------------------------------
     def _record(self, positions: np.ndarray, events: list) -> None:
         query_start, request_ids = self._layout
-        records = []
-        for i, request_id in enumerate(request_ids):
-            record = self.tracker.live.get(request_id) or self._first_sight(request_id)
-            prompt_len = record.prompt_tokens
-            lo, hi = int(query_start[i]), int(query_start[i + 1])
-            prefill = int(np.sum(positions[lo:hi] < prompt_len))
+        live = self.tracker.live
+        records = [live.get(request_id) or self._first_sight(request_id) for request_id in request_ids]
+        # A request's tokens in a step are consecutive positions: those before its prompt's end
+        # are prefill, the rest decode. Plain Python: a step has few requests, numpy calls cost more.
+        starts = query_start.tolist()
+        first_positions = positions[query_start[:-1]].tolist()
+        step_prefill = step_decode = 0
+        for i, record in enumerate(records):
             if record.options.detect:
+                total = starts[i + 1] - starts[i]
+                prefill = min(max(record.prompt_tokens - first_positions[i], 0), total)
                 record.prefill_tokens_scanned += prefill
                 record.prefill_steps += prefill > 0
-                record.decode_tokens_scanned += (hi - lo) - prefill
-                if self.metrics is not None:
-                    if prefill:
-                        self.metrics.tokens_scanned.labels(self.model_name, "prefill").inc(prefill)
-                    if hi - lo - prefill:
-                        self.metrics.tokens_scanned.labels(self.model_name, "decode").inc(hi - lo - prefill)
-            records.append((record, prompt_len))
+                record.decode_tokens_scanned += total - prefill
+                step_prefill += prefill
+                step_decode += total - prefill
+        if self.metrics is not None:
+            if step_prefill:
+                self.metrics.tokens_scanned.labels(self.model_name, "prefill").inc(step_prefill)
+            if step_decode:
+                self.metrics.tokens_scanned.labels(self.model_name, "decode").inc(step_decode)
         if not events:
             return
         token_ids = self._input_ids[: self._num_tokens].cpu().numpy() if self._input_ids is not None else None
         for column, event in events:
             i = int(np.searchsorted(query_start, column, side="right")) - 1
-            record, prompt_len = records[i]
+            record = records[i]
             if not record.options.detect:
                 continue
             if token_ids is not None:
                 event.token_id = int(token_ids[column])
-            record.add(event, "prefill" if event.position < prompt_len else "decode")
+            record.add(event, "prefill" if event.position < record.prompt_tokens else "decode")
             if self.metrics is not None and not event.is_reference:
                 self.metrics.sinks_detected.labels(self.model_name, event.kind, str(event.birth_layer)).inc()
 
@@ -233,5 +238,7 @@ class VllmSinkRuntime:
             "live_requests": len(self.tracker.live),
             "finished_requests": len(self.tracker.finished),
             "steps": self.steps,
+            "unscanned_steps": self.detector.unscanned_steps,
+            "zero_copy_capture": self.detector.zero_copy,
             "detector_seconds": round(self.total_seconds, 6),
         }
