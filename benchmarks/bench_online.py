@@ -8,7 +8,8 @@ Configurations (engine start-up excluded from timings):
   work one token later. Removed hooks = plain vLLM's code path. On a shared 2-core VM whose
   speed drifts by +-10% over seconds, only pairs this close resolve a 1-3% difference. Reports
   the median paired ratio of decode steps with a bootstrap 95% interval, the prefill step's ratio
-  (prefill alternates between repetitions), and the throughput ratio they imply for the workload;
+  (each workload's prefill step is paired with a prefill-only run just before it, in the other
+  state), and the throughput ratio they imply for the workload;
 - ``ab``: the same engine (multiprocess, as served), hooks toggled between whole workloads in
   alternating order (``sinkguard_set_detection`` over ``collective_rpc``);
 - ``plain-eager``: plain vLLM with the settings sinkguard requires (``enforce_eager``, no prefix
@@ -25,6 +26,8 @@ tokens/s) and single-stream decode of one prompt (time per output token). Each m
 
     python benchmarks/bench_online.py --configs steps --runs 6
     python benchmarks/bench_online.py --runs 5 --configs plain-eager sinkguard plain-default
+"""
+
 from __future__ import annotations
 
 import argparse
@@ -122,9 +125,11 @@ def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens:
     def status() -> dict:
         return llm.collective_rpc("sinkguard_status")[0]
 
-    def run(name: str, items: list[list[int]], prefill_on: bool) -> list[tuple[bool, float]]:
+    def run(name: str, items: list[list[int]], prefill_on: bool, tokens: int = output_tokens) -> list[tuple[bool, float]]:
+        step_params = params if tokens == output_tokens else SamplingParams(temperature=0.0, max_tokens=tokens,
+                                                                            ignore_eos=True)
         for i, prompt in enumerate(items):
-            engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt}, params)
+            engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt}, step_params)
         times, step = [], 0
         while engine.has_unfinished_requests():
             # step 0 is the prefill (the whole batch fits one step); decode steps go on, off, off, on, ...
@@ -140,9 +145,13 @@ def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens:
     for workload, items in (("batch", batch_prompts), ("single", batch_prompts[:1])):
         decode_pairs, prefill, decode_off = [], {True: [], False: []}, []
         before = status()
-        for r in range(2 * runs):  # prefill alternates on/off between repetitions
-            times = run(f"{workload}-{r}", items, prefill_on=r % 2 == 0)
-            prefill[times[0][0]].append(times[0][1])
+        for r in range(2 * runs):
+            # The prefill step is paired with a prefill-only run just before it, in the other state.
+            prefill_on = r % 2 == 0
+            (_, alone), = run(f"{workload}-{r}-prefill", items, prefill_on=not prefill_on, tokens=1)
+            times = run(f"{workload}-{r}", items, prefill_on=prefill_on)
+            prefill[prefill_on].append(times[0][1])
+            prefill[not prefill_on].append(alone)
             decode = times[1:]
             for (on_a, a), (_, b) in zip(decode[0::2], decode[1::2]):
                 decode_pairs.append(a / b if on_a else b / a)

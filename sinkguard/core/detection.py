@@ -13,7 +13,7 @@ run exactly this code.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 import numpy as np
@@ -44,10 +44,15 @@ class SinkEvent:
     extras: dict[str, float] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        out = asdict(self)
-        out.pop("extras")
+        # Field by field rather than dataclasses.asdict (a recursive deep copy): the online path
+        # converts every event of a prefill step.
+        out = {name: getattr(self, name) for name in _EVENT_FIELDS}
+        out["flagged_layers"] = list(self.flagged_layers)
         out.update(self.extras)
         return out
+
+
+_EVENT_FIELDS = tuple(f.name for f in fields(SinkEvent) if f.name != "extras")
 
 
 def choose_reference(hidden_norm: np.ndarray, candidates: int) -> int:

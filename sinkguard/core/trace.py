@@ -114,8 +114,8 @@ def pair_statistics(pair: torch.Tensor, reference_columns: torch.Tensor) -> dict
     num_layers, _, tokens, dim = pair.shape
     norms = torch.linalg.vector_norm(pair, dim=-1)  # [L, 2, T]
     dots = torch.bmm(pair.view(num_layers, 2 * tokens, dim), reference_columns).view(num_layers, 2, tokens)
-    cosines = (dots / norms.clamp_min(1e-12)).cpu().numpy()
-    norms = norms.cpu().numpy()
+    cosines = (dots / norms.clamp_min(1e-12)).numpy(force=True)
+    norms = norms.numpy(force=True)
     return {"hidden_norm": norms[:, 1], "hidden_cos": cosines[None, :, 1], "mlp_norm": norms[:, 0],
             "mlp_cos": cosines[None, :, 0]}
 
