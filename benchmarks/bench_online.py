@@ -3,14 +3,14 @@
 Configurations (engine start-up excluded from timings):
 
 - ``steps`` (the headline number): one in-process engine with the plugin, driven one engine step
-  at a time (``LLMEngine.step``); the detector's hooks are installed and removed between steps
+  at a time (``LLMEngine.step``); the detector's layer observers are installed and removed between steps
   (on, off, off, on, ...) so every decode step is paired with its neighbour, which does the same
-  work one token later. Removed hooks = plain vLLM's code path. On a shared 2-core VM whose
+  work one token later. Removed observers = plain vLLM's code path. On a shared 2-core VM whose
   speed drifts by +-10% over seconds, only pairs this close resolve a 1-3% difference. Reports
   the median paired ratio of decode steps with a bootstrap 95% interval, the prefill step's ratio
   (each workload's prefill step is paired with a prefill-only run just before it, in the other
   state), and the throughput ratio they imply for the workload;
-- ``ab``: the same engine (multiprocess, as served), hooks toggled between whole workloads in
+- ``ab``: the same engine (multiprocess, as served), observers toggled between whole workloads in
   alternating order (``sinkguard_set_detection`` over ``collective_rpc``);
 - ``plain-eager``: plain vLLM with the settings sinkguard requires (``enforce_eager``, no prefix
   cache), in its own process without the plugin;
@@ -110,7 +110,7 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
 
 
 def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens: int) -> dict:
-    """Per-step paired timings with the detector's hooks toggled between engine steps."""
+    """Per-step paired timings with the detector's observers toggled between engine steps."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
@@ -245,7 +245,7 @@ def main() -> None:
               f"(runs: {[round(x, 1) for x in data['throughput']]})", file=sys.stderr)
     ab = results.pop("ab", None)
     if ab:
-        print("| detector hooks (same engine, paired runs) | throughput (output tok/s) | single-stream TPOT (ms) |")
+        print("| detector observers (same engine, paired runs) | throughput (output tok/s) | single-stream TPOT (ms) |")
         print("|---|---|---|")
         for state in ("off", "on"):
             print(f"| {state} | {statistics.median(ab[state]['throughput']):.1f} | "

@@ -38,7 +38,7 @@ def enabled_config() -> ServeConfig | None:
 
 
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
-    """Check the engine and the profile, then hook the detector into ``runner.model``."""
+    """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, check_engine_settings, vllm_model_info
     from sinkguard.profile import SinkProfile
 
@@ -98,8 +98,8 @@ def sinkguard_status(self: Any) -> dict[str, Any]:
 
 
 def sinkguard_set_detection(self: Any, enabled: bool) -> bool:
-    """Worker RPC: remove or reinstall the hooks at run time (an A/B of the detector's own cost,
-    or an operator's kill switch). Returns whether hooks are installed now."""
+    """Worker RPC: remove or reinstall the layer observers at run time (an A/B of the detector's own
+    cost, or an operator's kill switch). Returns whether they are installed now."""
     runtime = _runtime_of(self)
     if runtime is None:
         return False

@@ -31,8 +31,8 @@ from sinkguard.errors import ConfigError
 ENFORCED_ARGS = ("--enforce-eager", "--no-enable-prefix-caching")
 REFUSED_ARGS = {
     "--enable-prefix-caching": "prefix-cache hits skip the forward pass, so their sinks would go undetected",
-    "--compilation-config": "compiled mode runs no PyTorch hooks; sinkguard needs eager mode",
-    "-O": "compiled mode runs no PyTorch hooks; sinkguard needs eager mode",
+    "--compilation-config": "compiled mode runs no Python between layers; sinkguard needs eager mode",
+    "-O": "compiled mode runs no Python between layers; sinkguard needs eager mode",
 }
 
 
