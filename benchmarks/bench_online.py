@@ -10,6 +10,10 @@ Configurations (engine start-up excluded from timings):
   the median paired ratio of decode steps with a bootstrap 95% interval, the prefill step's ratio
   (each workload's prefill step is paired with a prefill-only run just before it, in the other
   state), and the throughput ratio they imply for the workload;
+- ``steps-served``: the same per-step pairing inside a multiprocess engine (the engine core in
+  its own process, as ``sinkguard serve`` runs it): a function sent to the worker over
+  ``collective_rpc`` wraps the model runner's ``execute_model`` to toggle the observers and time
+  every step there. Decode steps only;
 - ``ab``: the same engine (multiprocess, as served), observers toggled between whole workloads in
   alternating order (``sinkguard_set_detection`` over ``collective_rpc``);
 - ``plain-eager``: plain vLLM with the settings sinkguard requires (``enforce_eager``, no prefix
@@ -39,7 +43,7 @@ import sys
 import tempfile
 import time
 
-CONFIGS = ("steps", "ab", "plain-eager", "sinkguard", "plain-default")
+CONFIGS = ("steps", "steps-served", "ab", "plain-eager", "sinkguard", "plain-default")
 
 
 def prompts(count: int, length: int) -> list[list[int]]:
@@ -58,7 +62,9 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
     batch_prompts = prompts(batch, 128)
     if config == "steps":  # drive the engine core in this process, one step at a time
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    if config in ("sinkguard", "ab", "steps"):
+    if config == "steps-served":  # a benchmark function travels to the worker process
+        os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
+    if config in ("sinkguard", "ab", "steps", "steps-served"):
         from sinkguard.calibrate import profile_for_model
         from sinkguard.config import ServeConfig
 
@@ -92,6 +98,14 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
     generate(batch_prompts[:4], 8)  # warm-up
     if config == "steps":
         return {"config": config, **stepped_pairs(llm, batch_prompts, runs, output_tokens)}
+    if config == "steps-served":
+        out = {}
+        for workload, items in (("batch", batch_prompts), ("single", batch_prompts[:1])):
+            llm.collective_rpc(time_worker_steps)
+            for _ in range(2 * runs):
+                generate(items, output_tokens)
+            out[workload] = llm.collective_rpc(collect_worker_steps)[0]
+        return {"config": config, **out}
     if config == "ab":
         results: dict[bool, dict[str, list[float]]] = {s: {"throughput": [], "tpot": []} for s in (True, False)}
         for run in range(runs):
@@ -170,6 +184,41 @@ def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens:
     return out
 
 
+def time_worker_steps(worker) -> None:
+    """Runs in the worker process: time every ``execute_model`` call, toggling the observers in an
+    on, off, off, on, ... pattern (benchmark only)."""
+    runner = worker.model_runner
+    runtime = runner._sinkguard_runtime
+    original = getattr(runner, "_bench_original_execute", None) or runner.execute_model
+    log: list[tuple[bool, float, int]] = []
+    counter = [0]
+
+    def timed(scheduler_output, *args, **kwargs):
+        on = counter[0] % 4 in (0, 3)
+        counter[0] += 1
+        if on != runtime.installed:
+            runtime.install() if on else runtime.remove()
+        start = time.perf_counter()
+        output = original(scheduler_output, *args, **kwargs)
+        log.append((on, time.perf_counter() - start, scheduler_output.total_num_scheduled_tokens))
+        return output
+
+    runner._bench_original_execute = original
+    runner._bench_log = log
+    runner.execute_model = timed
+
+
+def collect_worker_steps(worker) -> dict:
+    """Runs in the worker process: paired decode-step ratios, and the original runner back."""
+    runner = worker.model_runner
+    runner.execute_model = runner._bench_original_execute
+    runner._sinkguard_runtime.install()
+    log = runner._bench_log
+    pairs = [(a[1] / b[1] if a[0] else b[1] / a[1]) for a, b in zip(log[0::2], log[1::2])
+             if a[0] != b[0] and a[2] == b[2] and a[2] <= 256 and a[1] > 0 and b[1] > 0]
+    return {"decode_pairs": pairs, "steps": len(log)}
+
+
 def bootstrap_median(values: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float]:
     """95% bootstrap interval of the median."""
     import numpy as np
@@ -229,6 +278,13 @@ def main() -> None:
         data = json.loads(line[len("RESULT "):])
         if config == "steps":
             report_steps(data, args.batch, args.output_tokens)
+            continue
+        if config == "steps-served":
+            for workload in ("batch", "single"):
+                pairs = data[workload]["decode_pairs"]
+                low, high = bootstrap_median(pairs)
+                print(f"steps-served {workload}: {len(pairs)} paired decode steps, on/off median "
+                      f"{statistics.median(pairs):.4f} (95% CI {low:.4f}-{high:.4f})")
             continue
         if config == "ab":
             on, off = data["on"], data["off"]

@@ -134,10 +134,10 @@ class StepDetector:
             tensors = self._captured
             if len(set(map(torch.Tensor.data_ptr, tensors))) < len(tensors):  # an output's memory was reused
                 self._stop_zero_copy("two layers' outputs share memory")
-                return None
-            referenced = torch.stack(tensors).view(num_layers, 2, n, d).float()
+            else:
+                referenced = torch.stack(tensors).view(num_layers, 2, n, d).float()
         if not self._copying:
-            return referenced
+            return referenced  # None after a failed check: the step goes unscanned
         copied = self._buffer[:, :n].view(num_layers, n, 2, d).transpose(1, 2).contiguous()
         if referenced is not None:
             self.verify_steps -= 1
@@ -150,11 +150,10 @@ class StepDetector:
         self.zero_copy = False
 
     def _statistics(self) -> dict[str, np.ndarray] | None:
-        if self._observed != self.num_layers:
-            return None
+        complete = self._observed == self.num_layers
         if not self._small:
-            return stack_layers([s for s in self._layers if s is not None])
-        pair = self._small_step_pair()
+            return stack_layers([s for s in self._layers if s is not None]) if complete else None
+        pair = self._small_step_pair() if complete else None
         self._captured = [None] * (2 * self.num_layers)  # release the step's activations
         if pair is None:
             return None

@@ -82,6 +82,19 @@ def test_in_place_overwrite_is_caught_by_verification(profile):
     assert [(c, e.birth_layer) for c, e in run_step(detector, residual, mlp)] == [(3, 2)]  # copy mode works
 
 
+def test_shared_memory_during_verification_uses_the_copy(profile):
+    residual, mlp = planted_step(profile)
+    detector = StepDetector(profile, verify_steps=2)
+    shared = torch.empty_like(residual[0])
+    detector.start(6)
+    for layer in range(profile.model.num_layers):
+        shared.copy_(residual[layer])  # the engine writes every layer's residual into one buffer
+        detector.observe(layer, mlp[layer], shared)
+    events = detector.finish(np.arange(6))
+    assert not detector.zero_copy and detector.unscanned_steps == 0
+    assert [(c, e.birth_layer, e.lifetime) for c, e in events] == [(3, 2, 7)]
+
+
 def test_shared_memory_after_verification_marks_the_step_unscanned(profile):
     residual, mlp = planted_step(profile)
     detector = StepDetector(profile, verify_steps=0)
