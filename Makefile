@@ -2,7 +2,7 @@
 VENV ?= .venv
 export SINKGUARD_VENV := $(VENV)
 
-.PHONY: setup demo test test-fast bench
+.PHONY: setup demo test test-fast lint bench
 
 setup:
 	@bash scripts/setup.sh
@@ -10,8 +10,11 @@ setup:
 demo: setup
 	$(VENV)/bin/sinkguard demo --out runs/demo
 
-test: setup
+test: setup lint
 	$(VENV)/bin/python -m pytest
+
+lint: setup
+	$(VENV)/bin/ruff check sinkguard benchmarks tests
 
 test-fast: setup
 	$(VENV)/bin/python -m pytest -m "not slow"

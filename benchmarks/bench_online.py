@@ -139,7 +139,8 @@ def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens:
     def status() -> dict:
         return llm.collective_rpc("sinkguard_status")[0]
 
-    def run(name: str, items: list[list[int]], prefill_on: bool, tokens: int = output_tokens) -> list[tuple[bool, float]]:
+    def run(name: str, items: list[list[int]], prefill_on: bool,
+            tokens: int = output_tokens) -> list[tuple[bool, float]]:
         step_params = params if tokens == output_tokens else SamplingParams(temperature=0.0, max_tokens=tokens,
                                                                             ignore_eos=True)
         for i, prompt in enumerate(items):
@@ -321,7 +322,8 @@ def main() -> None:
     if base and "plain-default" in results:
         d = results["plain-default"]
         print(f"plain-eager vs plain-default (cost of the required settings): throughput "
-              f"{100 * (base['throughput'] / d['throughput'] - 1):+.1f}%, TPOT {100 * (base['tpot_ms'] / d['tpot_ms'] - 1):+.1f}%")
+              f"{100 * (base['throughput'] / d['throughput'] - 1):+.1f}%, "
+              f"TPOT {100 * (base['tpot_ms'] / d['tpot_ms'] - 1):+.1f}%")
 
 
 if __name__ == "__main__":

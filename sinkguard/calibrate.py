@@ -65,7 +65,8 @@ def profile_from_scan(result: ScanResult) -> SinkProfile:
     if summary.head_secondary_score is not None:
         tensors["head_secondary_score"] = np.nan_to_num(summary.head_secondary_score)
         threshold = result.config.attention.sink_score_threshold
-        sink_heads = [(int(l), int(h)) for l, h in np.argwhere(tensors["head_secondary_score"] > threshold)]
+        sink_heads = [(int(layer), int(head))
+                      for layer, head in np.argwhere(tensors["head_secondary_score"] > threshold)]
     if summary.head_primary_score is not None:
         tensors["head_primary_score"] = np.nan_to_num(summary.head_primary_score)
     tensors["primary_score"] = np.nan_to_num(np.asarray(summary.primary_score_by_layer, dtype=float))
@@ -109,7 +110,8 @@ def calibrate(
     return profile, result
 
 
-def profile_for_model(model_spec: str | Path | None, profile_path: Path | str | None = None) -> tuple[Path, SinkProfile]:
+def profile_for_model(model_spec: str | Path | None,
+                      profile_path: Path | str | None = None) -> tuple[Path, SinkProfile]:
     """The profile to serve ``model_spec`` with: the given one (validated against the checkpoint's
     weights), or one calibrated on the fly and cached under ``$SINKGUARD_CACHE/profiles``."""
     from sinkguard.engines.hf.runner import HFSinkModel
@@ -123,7 +125,8 @@ def profile_for_model(model_spec: str | Path | None, profile_path: Path | str | 
         profile = SinkProfile.load(profile_path)
         if profile.model.fingerprint != fingerprint:
             raise ProfileError(f"profile {profile_path} was calibrated on {profile.model.name}, not on the weights "
-                               f"in {resolved.path} (fingerprint {profile.model.fingerprint[:16]} vs {fingerprint[:16]})")
+                               f"in {resolved.path} (fingerprint {profile.model.fingerprint[:16]} "
+                               f"vs {fingerprint[:16]})")
         return Path(profile_path), profile
     folder = cache_dir() / "profiles" / f"{resolved.name}-{fingerprint[:12]}"
     try:

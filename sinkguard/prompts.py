@@ -38,7 +38,8 @@ def _read_utf8(path: Path) -> str:
     except FileNotFoundError as exc:
         raise InputError(f"file not found: {path}") from exc
     except UnicodeDecodeError as exc:
-        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8 first") from exc
+        raise InputError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                         "convert it to UTF-8 first") from exc
     except IsADirectoryError as exc:
         raise InputError(f"{path} is a directory, expected a file") from exc
 
@@ -101,7 +102,13 @@ def _builtin_documents() -> Iterable[tuple[str, str]]:
     license_txt = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
     if license_txt.is_file():
         yield "python-LICENSE", license_txt.read_text(encoding="utf-8", errors="replace")
-    import argparse, collections, json as json_module, logging, pathlib, subprocess, typing  # noqa: E401
+    import argparse
+    import collections
+    import json as json_module
+    import logging
+    import pathlib
+    import subprocess
+    import typing
 
     for module in (argparse, collections, json_module, logging, pathlib, subprocess, typing):
         yield module.__name__, module.__doc__ or ""

@@ -37,7 +37,8 @@ class ModelInfo:
 
     def mismatch(self, other: ModelInfo) -> str | None:
         """Why ``other`` is not the same model, or None when it is."""
-        for field in ("architecture", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim", "vocab_size"):
+        for field in ("architecture", "num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                      "vocab_size"):
             if getattr(self, field) != getattr(other, field):
                 return f"{field} differs: {getattr(self, field)} vs {getattr(other, field)}"
         if self.fingerprint != other.fingerprint:

@@ -67,7 +67,8 @@ class StepDetector:
         self._observed = 0
         self._small = False
         self._copying = False
-        self._captured: list[torch.Tensor | None] = [None] * (2 * self.num_layers)  # zero-copy: MLP out, residual per layer
+        # zero-copy mode: each layer's MLP output and residual, in layer order
+        self._captured: list[torch.Tensor | None] = [None] * (2 * self.num_layers)
         self._layers: list[LayerStatistics | None] = [None] * self.num_layers  # per-layer reductions
         self._buffer: torch.Tensor | None = None  # [L, buffer_tokens, 2d]: MLP output | residual
         self._slots: list[torch.Tensor] = []  # this step's per-layer views of the buffer

@@ -13,7 +13,6 @@ from sinkguard.engines.vllm.server import http_json
 from sinkguard.scan import scan_prompt
 
 
-
 def complete(server, prompt: list[int], max_tokens: int = 24, **extra) -> tuple[int, dict]:
     payload = {"model": "smol", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                "return_token_ids": True, **extra}

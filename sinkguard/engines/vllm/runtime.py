@@ -108,9 +108,10 @@ class VllmSinkRuntime:
         if self._wrapped:
             return
         layers = decoder_layers(self.runner.model)
+        last = len(layers) - 1
         for index, layer in enumerate(layers):
             self._wrapped.append((layer, layer.__dict__.get("forward")))
-            layer.forward = self._observed_forward(index, layer.forward, first=index == 0, last=index == len(layers) - 1)
+            layer.forward = self._observed_forward(index, layer.forward, first=index == 0, last=index == last)
 
     def remove(self) -> None:
         for layer, previous in self._wrapped:
