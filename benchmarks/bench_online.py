@@ -123,32 +123,42 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
     return {"config": config, "throughput": throughput, "tpot": tpot}
 
 
+def observers_on(step: int) -> bool:
+    """The on, off, off, on, ... pattern: steps (0, 1), (2, 3), ... form on/off pairs, and neither
+    state always goes first."""
+    return step % 4 in (0, 3)
+
+
+def paired_ratios(timed: list[tuple[bool, float]]) -> list[float]:
+    """on/off time ratios of consecutive (state, seconds) pairs laid out by :func:`observers_on`."""
+    return [a / b if on_a else b / a for (on_a, a), (on_b, b) in zip(timed[0::2], timed[1::2]) if on_a != on_b]
+
+
 def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens: int) -> dict:
     """Per-step paired timings with the detector's observers toggled between engine steps."""
     from vllm import SamplingParams
 
     engine = llm.llm_engine
-    params = SamplingParams(temperature=0.0, max_tokens=output_tokens, ignore_eos=True)
-    state = {"on": None}
+    installed = None
 
     def set_detection(on: bool) -> None:
-        if state["on"] != on:
+        nonlocal installed
+        if installed != on:
             assert llm.collective_rpc("sinkguard_set_detection", args=(on,)) == [on]
-            state["on"] = on
+            installed = on
 
     def status() -> dict:
         return llm.collective_rpc("sinkguard_status")[0]
 
     def run(name: str, items: list[list[int]], prefill_on: bool,
             tokens: int = output_tokens) -> list[tuple[bool, float]]:
-        step_params = params if tokens == output_tokens else SamplingParams(temperature=0.0, max_tokens=tokens,
-                                                                            ignore_eos=True)
+        params = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
         for i, prompt in enumerate(items):
-            engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt}, step_params)
+            engine.add_request(f"{name}-{i}", {"prompt_token_ids": prompt}, params)
         times, step = [], 0
         while engine.has_unfinished_requests():
-            # step 0 is the prefill (the whole batch fits one step); decode steps go on, off, off, on, ...
-            on = prefill_on if step == 0 else (step - 1) % 4 in (0, 3)
+            # step 0 is the prefill (the whole batch fits one step), then the decode steps
+            on = prefill_on if step == 0 else observers_on(step - 1)
             set_detection(on)
             start = time.perf_counter()
             engine.step()
@@ -168,9 +178,8 @@ def stepped_pairs(llm, batch_prompts: list[list[int]], runs: int, output_tokens:
             prefill[prefill_on].append(times[0][1])
             prefill[not prefill_on].append(alone)
             decode = times[1:]
-            for (on_a, a), (_, b) in zip(decode[0::2], decode[1::2]):
-                decode_pairs.append(a / b if on_a else b / a)
-                decode_off.append(b if on_a else a)
+            decode_pairs += paired_ratios(decode)
+            decode_off += [seconds for on, seconds in decode if not on]
         after = status()
         out[workload] = {
             "decode_pairs": decode_pairs,
@@ -191,11 +200,11 @@ def time_worker_steps(worker) -> None:
     runner = worker.model_runner
     runtime = runner._sinkguard_runtime
     original = getattr(runner, "_bench_original_execute", None) or runner.execute_model
-    log: list[tuple[bool, float, int]] = []
+    log: list[tuple[bool, float, int]] = []  # (observers on, seconds, tokens in the step)
     counter = [0]
 
     def timed(scheduler_output, *args, **kwargs):
-        on = counter[0] % 4 in (0, 3)
+        on = observers_on(counter[0])
         counter[0] += 1
         if on != runtime.installed:
             runtime.install() if on else runtime.remove()
@@ -215,9 +224,9 @@ def collect_worker_steps(worker) -> dict:
     runner.execute_model = runner._bench_original_execute
     runner._sinkguard_runtime.install()
     log = runner._bench_log
-    pairs = [(a[1] / b[1] if a[0] else b[1] / a[1]) for a, b in zip(log[0::2], log[1::2])
-             if a[0] != b[0] and a[2] == b[2] and a[2] <= 256 and a[1] > 0 and b[1] > 0]
-    return {"decode_pairs": pairs, "steps": len(log)}
+    # Pairs of decode steps only: both steps of a pair carry the same, small number of tokens.
+    aligned = [entry for a, b in zip(log[0::2], log[1::2]) if a[2] == b[2] <= 256 for entry in (a, b)]
+    return {"decode_pairs": paired_ratios([(on, seconds) for on, seconds, _ in aligned]), "steps": len(log)}
 
 
 def bootstrap_median(values: list[float], draws: int = 4000, seed: int = 0) -> tuple[float, float]:

@@ -38,8 +38,8 @@ def layer_statistics(
 ) -> LayerStatistics:
     """Norms of ``hidden`` [..., T, d] and ``mlp_out`` and their dot products with ``references`` [..., R, d].
 
-    Leading dimensions broadcast, so one call can cover every layer of a step (``[L, T, d]``
-    activations against ``[L, 1, d]`` references).
+    Leading dimensions broadcast. For a whole decode step at once, :func:`pair_statistics` does
+    the same with fewer passes.
 
     Computed in float32 whatever the model dtype: cosines near the 0.9 threshold must not flip
     because of bf16 rounding. ``unit_references=True`` skips normalising references that are
@@ -96,12 +96,16 @@ class SequenceTrace:
 
 def stack_layers(per_layer: list[LayerStatistics]) -> dict[str, np.ndarray]:
     """Stack per-layer statistics into ``[L, T]`` norms and ``[R, L, T]`` cosines (numpy)."""
-    return to_arrays(LayerStatistics(
-        hidden_norm=torch.stack([s.hidden_norm for s in per_layer]),
-        hidden_dot=torch.stack([s.hidden_dot for s in per_layer], dim=1),
-        mlp_norm=torch.stack([s.mlp_norm for s in per_layer]),
-        mlp_dot=torch.stack([s.mlp_dot for s in per_layer], dim=1),
-    ))
+    hidden_norm = torch.stack([s.hidden_norm for s in per_layer])
+    mlp_norm = torch.stack([s.mlp_norm for s in per_layer])
+    hidden_dot = torch.stack([s.hidden_dot for s in per_layer], dim=1)
+    mlp_dot = torch.stack([s.mlp_dot for s in per_layer], dim=1)
+    return {
+        "hidden_norm": hidden_norm.cpu().numpy(),
+        "hidden_cos": (hidden_dot / hidden_norm.clamp_min(1e-12)).cpu().numpy(),
+        "mlp_norm": mlp_norm.cpu().numpy(),
+        "mlp_cos": (mlp_dot / mlp_norm.clamp_min(1e-12)).cpu().numpy(),
+    }
 
 
 def pair_statistics(pair: torch.Tensor, reference_columns: torch.Tensor) -> dict[str, np.ndarray]:
@@ -118,16 +122,3 @@ def pair_statistics(pair: torch.Tensor, reference_columns: torch.Tensor) -> dict
     norms = norms.numpy(force=True)
     return {"hidden_norm": norms[:, 1], "hidden_cos": cosines[None, :, 1], "mlp_norm": norms[:, 0],
             "mlp_cos": cosines[None, :, 0]}
-
-
-def to_arrays(stats: LayerStatistics) -> dict[str, np.ndarray]:
-    """All-layer statistics (norms [L, T], dots [R, L, T]) as numpy norms and cosines."""
-    hidden_norm, mlp_norm = stats.hidden_norm, stats.mlp_norm
-    hidden_cos = stats.hidden_dot / hidden_norm.clamp_min(1e-12)
-    mlp_cos = stats.mlp_dot / mlp_norm.clamp_min(1e-12)
-    return {
-        "hidden_norm": hidden_norm.cpu().numpy(),
-        "hidden_cos": hidden_cos.cpu().numpy(),
-        "mlp_norm": mlp_norm.cpu().numpy(),
-        "mlp_cos": mlp_cos.cpu().numpy(),
-    }

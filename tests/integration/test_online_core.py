@@ -26,27 +26,25 @@ def planted_step(profile, tokens: int = 6, seed: int = 0):
 @pytest.mark.parametrize("buffer_tokens", [0, 256])
 def test_step_detector_finds_planted_sink(profile, buffer_tokens):
     residual, mlp = planted_step(profile)
-    detector = StepDetector(profile, buffer_tokens=buffer_tokens)
-    detector.start(residual.shape[1])
-    for layer in range(profile.model.num_layers):
-        detector.observe(layer, mlp[layer], residual[layer])
-    events = detector.finish(np.arange(100, 106))
+    events = run_step(StepDetector(profile, buffer_tokens=buffer_tokens), residual, mlp, np.arange(100, 106))
     assert [(c, e.position, e.birth_layer, e.lifetime, e.kind, e.forming_layer) for c, e in events] == [
         (3, 103, 2, 7, "secondary", 2)]
     assert events[0][1].mlp_cos == pytest.approx(1.0, abs=1e-5)
 
 
-def run_step(detector, residual, mlp, positions=None):
+def feed(detector, residual, mlp) -> None:
     detector.start(residual.shape[1])
     for layer in range(residual.shape[0]):
         detector.observe(layer, mlp[layer], residual[layer])
+
+
+def run_step(detector, residual, mlp, positions=None):
+    feed(detector, residual, mlp)
     return detector.finish(np.arange(residual.shape[1]) if positions is None else positions)
 
 
 def capture_statistics(detector, residual, mlp):
-    detector.start(residual.shape[1])
-    for layer in range(residual.shape[0]):
-        detector.observe(layer, mlp[layer], residual[layer])
+    feed(detector, residual, mlp)
     return detector._statistics()
 
 
