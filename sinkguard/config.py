@@ -75,6 +75,13 @@ class DetectorConfig(_Strict):
     """Lifetime thresholds that separate primary, secondary and noise."""
     formation_lookback: int = Field(1, ge=0, le=4)
     """The forming MLP is searched in layers [birth - lookback, birth]."""
+    min_norm_ratio: float = Field(0.0, ge=0.0)
+    """A layer flags a token only if the token's hidden-state norm is also at least this many times
+    the median token's there (0: no norm condition). Alignment alone is not enough on models whose
+    hidden states all share a dominant direction (Gemma 3): a sink carries a *large* aligned vector."""
+    min_formation_ratio: float = Field(0.0, ge=0.0)
+    """A flagged token is a sink only if its forming MLP output is at least this many times the
+    median token's (0: no formation condition): the paper's formation signal, used as evidence."""
 
 
 class AttentionConfig(_Strict):
@@ -90,11 +97,34 @@ class AttentionConfig(_Strict):
     """A key is counted as an attention sink at a layer when its score exceeds this."""
 
 
+class ConfirmationConfig(_Strict):
+    """When attention confirms a sink: the ground truth the hidden-state detector is judged by
+    (:mod:`sinkguard.core.validation`), and the agreement calibration must reach."""
+
+    strong_ratio: float = Field(10.0, gt=1.0)
+    """A strong sink draws at least this many times its uniform share of attention ..."""
+    strong_layers: int = Field(6, ge=1)
+    """... for at least this many consecutive layers. The detector must find these (recall)."""
+    weak_ratio: float = Field(3.0, gt=1.0)
+    """A weak sink draws at least this many times its uniform share ..."""
+    weak_layers: int = Field(3, ge=1)
+    """... for at least this many consecutive layers. A flag matching none is unexplained."""
+    min_queries: int = Field(64, ge=1)
+    """A key is judged only where at least this many queries see it (in every layer)."""
+    match_distance: int = Field(1, ge=0)
+    """A flag and an attention sink match when at most this many positions apart."""
+    target_recall: float = Field(0.9, ge=0.0, le=1.0)
+    """Calibration target: share of strong sinks found by secondary flags."""
+    target_unexplained_per_256: float = Field(0.5, ge=0.0)
+    """Calibration target: secondary flags matching no weak sink, per 256 judged tokens."""
+
+
 class ScanConfig(_Strict):
     """Everything a scan needs besides the model and prompts."""
 
     detector: DetectorConfig = DetectorConfig()
     attention: AttentionConfig = AttentionConfig()
+    confirmation: ConfirmationConfig = ConfirmationConfig()
     add_bos: bool = True
     """Prepend the tokenizer's BOS token when the tokenizer does not add one itself."""
     max_tokens: int | None = Field(None, ge=2)

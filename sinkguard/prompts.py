@@ -114,13 +114,53 @@ def _builtin_documents() -> Iterable[tuple[str, str]]:
         yield module.__name__, module.__doc__ or ""
 
 
+HELD_OUT_LICENSES = ("CC0-1.0", "MPL-1.1", "LGPL-3")
+HELD_OUT_MODULES = ("textwrap", "difflib", "heapq", "bisect", "contextlib", "functools", "random", "statistics",
+                    "decimal", "fractions", "datetime", "calendar", "unittest", "doctest", "inspect", "email.message",
+                    "http.server", "urllib.parse", "asyncio.events", "threading", "queue", "shutil", "tempfile",
+                    "zipfile", "csv", "string", "re", "os")
+
+
+def _held_out_documents() -> Iterable[tuple[str, str]]:
+    """Text the built-in calibration set never uses: other licences and the docstrings of other
+    standard-library modules (module, classes, functions, methods)."""
+    import importlib
+    import inspect
+
+    for name in HELD_OUT_LICENSES:
+        file = COMMON_LICENSES / name
+        if file.is_file():
+            yield name, file.read_text(encoding="utf-8", errors="replace")
+    for module_name in HELD_OUT_MODULES:
+        module = importlib.import_module(module_name)
+        parts = [inspect.getdoc(module) or ""]
+        for member_name, member in sorted(vars(module).items()):
+            if member_name.startswith("_") or getattr(member, "__module__", module_name) != module_name:
+                continue
+            parts.append(inspect.getdoc(member) or "")
+            if inspect.isclass(member):
+                parts += [inspect.getdoc(m) or "" for n, m in sorted(vars(member).items()) if not n.startswith("_")]
+        yield module_name, "\n\n".join(p for p in parts if p)
+
+
+def held_out_prompts(tokenize: Callable[[str], list[int]], count: int = 8, tokens: int = 256) -> list[Prompt]:
+    """``count`` prompts from documents that :func:`default_prompts` (the calibration set) never
+    reads: for measuring a calibrated detector on text it did not see."""
+    return _round_robin(_held_out_documents(), tokenize, count, tokens)
+
+
 def default_prompts(tokenize: Callable[[str], list[int]], count: int = 8, tokens: int = 256) -> list[Prompt]:
     """``count`` prompts of ``tokens`` tokens from the built-in documents.
 
     Documents are visited round-robin (one chunk from each in turn) so a small set still spans
     several texts.
     """
-    per_doc = [chunk_corpus([doc], tokenize, tokens, None) for doc in _builtin_documents()]
+    return _round_robin(_builtin_documents(), tokenize, count, tokens)
+
+
+def _round_robin(documents: Iterable[tuple[str, str]], tokenize: Callable[[str], list[int]], count: int,
+                 tokens: int) -> list[Prompt]:
+    per_doc = [chunk_corpus([doc], tokenize, tokens, None) for doc in documents]
     prompts: list[Prompt] = []
     depth = 0
     while len(prompts) < count and any(depth < len(chunks) for chunks in per_doc):

@@ -27,6 +27,7 @@ from sinkguard.core.aggregate import ModelSummary, PromptResult, summarize
 from sinkguard.core.detection import Detection, detect_in_trace
 from sinkguard.core.fingerprint import ModelInfo
 from sinkguard.core.trace import SequenceTrace
+from sinkguard.core.validation import Agreement, ConfirmedSinks, agreement, confirmed_sinks
 from sinkguard.errors import InputError
 from sinkguard.prompts import Prompt, default_prompts
 
@@ -48,6 +49,8 @@ class PromptScan:
     tokens: list[str]
     trace: SequenceTrace
     detection: Detection
+    confirmed: ConfirmedSinks | None = None  # attention-confirmed sinks (needs attention scores)
+    agreement: Agreement | None = None  # how the detection agrees with them
 
     @property
     def as_result(self) -> PromptResult:
@@ -66,6 +69,11 @@ class PromptScan:
             "reference_norm_ratio": [round(float(x), 3) for x in self.detection.norm_ratio],
             "sink_counts": counts,
             "sinks": events,
+            **({} if self.confirmed is None else {
+                "attention_confirmed": {"strong": self.confirmed.strong.tolist(), "weak": self.confirmed.weak.tolist(),
+                                        "judged_positions": [1, self.confirmed.judged_until - 1]},
+                "agreement": self.agreement.to_dict() if self.agreement is not None else None,
+            }),
         }
 
 
@@ -93,6 +101,17 @@ class ScanResult:
     summary: ModelSummary
     reference_mode: str
 
+    @property
+    def agreement(self) -> Agreement | None:
+        """Agreement of hidden-state flags with attention-confirmed sinks over all prompts (None
+        without attention scores)."""
+        if any(p.agreement is None for p in self.prompts):
+            return None
+        total = Agreement()
+        for prompt in self.prompts:
+            total.add(prompt.agreement)  # type: ignore[arg-type]
+        return total
+
     def to_report(self) -> dict[str, Any]:
         primary_min, noise_max = self.config.detector.lifetime.thresholds(self.model.num_layers)
         return _clean({
@@ -105,6 +124,7 @@ class ScanResult:
             "reference_mode": self.reference_mode,
             "lifetime_thresholds": {"primary_min_lifetime": primary_min, "noise_max_lifetime": noise_max},
             "summary": self.summary.to_dict(),
+            "agreement": self.agreement.to_dict() if self.agreement is not None else None,
             "prompts": [p.to_dict() for p in self.prompts],
         })
 
@@ -151,27 +171,55 @@ def scan_prompt(
     source: str = "",
 ) -> PromptScan:
     """Trace and detect one prompt (per-prompt reference, or the profile's when given)."""
-    detector = config.detector
     if profile is None:
-        trace = model.trace(token_ids, config.attention, reference_candidates=detector.reference_candidates)
-        detection = detect_in_trace(trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos, detector)
+        trace = model.trace(token_ids, config.attention, reference_candidates=config.detector.reference_candidates)
     else:
         trace = model.trace(token_ids, config.attention, reference_directions=profile.reference_hidden_tensor())
+    return detect_prompt(trace, model.decode_tokens(token_ids), config, profile, index, source)
+
+
+def detect_prompt(trace: SequenceTrace, tokens: list[str], config: ScanConfig, profile: SinkProfile | None = None,
+                  index: int = 0, source: str = "") -> PromptScan:
+    """Run the detector on a recorded trace (no model needed): with a profile, its calibrated
+    detector, reference direction, window and medians, exactly as the online detector does."""
+    if profile is None:
+        detection = detect_in_trace(trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos,
+                                    config.detector)
+    else:
         detection = detect_in_trace(
-            trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos, detector,
+            trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos, profile.meta.detector,
             reference=profile.reference_position, window=profile.window_mask(),
-            mlp_median=profile.median_mlp_norm,
+            mlp_median=profile.median_mlp_norm, hidden_median=profile.median_hidden_norm,
         )
-    tokens = model.decode_tokens(token_ids)
     scores = trace.sink_scores
     for event in detection.events:
-        event.token_id = token_ids[event.position]
+        event.token_id = trace.token_ids[event.position]
         event.token = tokens[event.position]
         if scores is not None and not np.all(np.isnan(scores[:, event.position])):
             layer = int(np.nanargmax(scores[:, event.position]))
             event.peak_score_layer = layer
             event.peak_sink_score = float(scores[layer, event.position])
-    return PromptScan(index, source, token_ids, tokens, trace, detection)
+    prompt_scan = PromptScan(index, source, list(trace.token_ids), tokens, trace, detection)
+    confirm(prompt_scan, config)
+    return prompt_scan
+
+
+def redetect(result: ScanResult, config: ScanConfig) -> ScanResult:
+    """The same scan with another detector setting (per-prompt references): traces are reused."""
+    if result.reference_mode != "prompt":
+        raise InputError("redetect needs a scan made with per-prompt references")
+    prompts = [detect_prompt(p.trace, p.tokens, config, None, p.index, p.source) for p in result.prompts]
+    summary = summarize([p.as_result for p in prompts], result.model.num_layers)
+    return ScanResult(result.model, result.model_path, config, prompts, summary, result.reference_mode)
+
+
+def confirm(prompt: PromptScan, config: ScanConfig) -> None:
+    """Attach the prompt's attention-confirmed sinks and the detection's agreement with them."""
+    if prompt.trace.head_scores is None:
+        return
+    prompt.confirmed = confirmed_sinks(prompt.trace.head_scores, prompt.trace.attention_windows,
+                                       config.confirmation, prompt.detection.reference)
+    prompt.agreement = agreement(prompt.detection.events, prompt.confirmed, config.confirmation)
 
 
 def scan(

@@ -56,6 +56,29 @@ def print_scan_summary(result: ScanResult, console: Console | None = None) -> No
         for layer in np.flatnonzero(np.isfinite(secondary)):
             mass.add_row(str(layer), _fmt(primary[layer]), _fmt(secondary[layer]))
         console.print(mass)
+    agreement = result.agreement
+    if agreement is not None:
+        print_agreement(agreement.to_dict(), result.config.confirmation.model_dump(), console)
+
+
+def print_agreement(agreement: dict, criteria: dict, console: Console) -> None:
+    """How hidden-state flags agree with attention-confirmed sinks (one line + per-kind table)."""
+    meets = ((agreement["recall"] is None or agreement["recall"] >= criteria["target_recall"])
+             and agreement["unexplained_secondary_per_256_tokens"] <= criteria["target_unexplained_per_256"])
+    colour = "green" if meets else "red"
+    console.print(
+        f"agreement with attention: [{colour}]recall {_fmt(agreement['recall'])}[/] of "
+        f"{agreement['strong_attention_sinks']} strong sinks (>= {criteria['strong_ratio']:g}x uniform for >= "
+        f"{criteria['strong_layers']} layers), [{colour}]{_fmt(agreement['unexplained_secondary_per_256_tokens'])} "
+        f"unexplained secondary flags per 256 tokens[/] (no sink >= {criteria['weak_ratio']:g}x for >= "
+        f"{criteria['weak_layers']} layers within {criteria['match_distance']}); targets: recall >= "
+        f"{criteria['target_recall']}, <= {criteria['target_unexplained_per_256']}")
+    table = Table(title="flags by kind", title_justify="left")
+    for column in ("kind", "flags", "unexplained", "precision"):
+        table.add_column(column, justify="right")
+    for kind, count in agreement["flags"].items():
+        table.add_row(kind, str(count), str(agreement["unexplained_flags"][kind]), _fmt(agreement["precision"][kind]))
+    console.print(table)
 
 
 def print_profile_summary(profile: SinkProfile, console: Console | None = None) -> None:
@@ -68,6 +91,12 @@ def print_profile_summary(profile: SinkProfile, console: Console | None = None) 
                       f"{row['mlp_norm_ratio_median']:.1f} (p10 {row['mlp_norm_ratio_p10']:.1f}), "
                       f"online alert at {row['alert_mlp_norm_ratio']:.1f}x")
     console.print(f"heads where secondary sinks draw > threshold: {len(d['sink_heads'])}")
+    detector, validation = d["detector"], d["validation"]
+    colour = {"validated": "green", "no_secondary_sinks": "green"}.get(validation["status"], "red")
+    console.print(f"detector: |cos| > {detector['cos_threshold']}, norm >= {detector['min_norm_ratio']}x median, "
+                  f"forming MLP >= {detector['min_formation_ratio']}x median, window {detector['window_rule']}"
+                  f" ({detector['window_min_norm_ratio']}x); [{colour}]{validation['status']}[/]: "
+                  f"{validation.get('message', '')}")
     cal = d["calibration"]
     console.print(f"calibrated on {cal['num_prompts']} prompts / {cal['num_tokens']} tokens; reference "
                   f"direction consistency min {cal['reference_consistency_min']}, mean "

@@ -88,9 +88,46 @@ def active_window(norm_ratio: np.ndarray, reference_norm: np.ndarray, config: De
     return window
 
 
-def flag_matrix(hidden_cos: np.ndarray, window: np.ndarray, threshold: float) -> np.ndarray:
-    """Boolean [L, T]: |cos| above threshold inside the active window."""
-    return (np.abs(hidden_cos) > threshold) & window[:, None]
+def flag_matrix(
+    hidden_cos: np.ndarray,
+    window: np.ndarray,
+    threshold: float,
+    norm_ratio: np.ndarray | None = None,
+    min_norm_ratio: float = 0.0,
+) -> np.ndarray:
+    """Boolean [L, T]: |cos| above threshold inside the active window (and, with
+    ``min_norm_ratio`` > 0, a hidden-state norm at least that many times the median token's;
+    ``norm_ratio`` is the tokens' [L, T] norm over the median)."""
+    flags = (np.abs(hidden_cos) > threshold) & window[:, None]
+    if min_norm_ratio > 0 and norm_ratio is not None:
+        flags &= norm_ratio >= min_norm_ratio
+    return flags
+
+
+@dataclass
+class Runs:
+    """Every column's first flagged run, computed for all columns at once (no Python loop)."""
+
+    flagged: np.ndarray  # [N] bool: the column has a run
+    birth: np.ndarray  # [N] first flagged layer (0 where none)
+    last: np.ndarray  # [N] last layer of the run
+    in_run: np.ndarray  # [L, N] bool: layers flagged within the run
+
+    @property
+    def lifetime(self) -> np.ndarray:
+        return self.last - self.birth + 1
+
+
+def flagged_runs(flags: np.ndarray, window: np.ndarray) -> Runs:
+    """The run of each column of ``flags`` [L, N], by the rule of :func:`flagged_run`."""
+    num_layers = flags.shape[0]
+    layer = np.arange(num_layers)[:, None]
+    birth = flags.argmax(axis=0)
+    breaks = window[:, None] & ~flags & (layer > birth)
+    stop = np.where(breaks.any(axis=0), breaks.argmax(axis=0), num_layers)
+    in_run = flags & (layer >= birth) & (layer < stop)
+    last = num_layers - 1 - in_run[::-1].argmax(axis=0)
+    return Runs(flagged=flags.any(axis=0), birth=birth, last=last, in_run=in_run)
 
 
 def flagged_run(column: np.ndarray, window: np.ndarray) -> tuple[int, int, list[int]] | None:
@@ -101,19 +138,10 @@ def flagged_run(column: np.ndarray, window: np.ndarray) -> tuple[int, int, list[
     reference is not an outlier there); the first in-window unflagged layer ends it.
     Returns None when the token is never flagged.
     """
-    flagged = np.flatnonzero(column)
-    if flagged.size == 0:
+    runs = flagged_runs(column[:, None], window)
+    if not runs.flagged[0]:
         return None
-    birth = int(flagged[0])
-    last = birth
-    layers = [birth]
-    for layer in range(birth + 1, column.shape[0]):
-        if column[layer]:
-            last = layer
-            layers.append(layer)
-        elif window[layer]:
-            break
-    return birth, last, layers
+    return int(runs.birth[0]), int(runs.last[0]), [int(i) for i in np.flatnonzero(runs.in_run[:, 0])]
 
 
 def detect_sinks(
@@ -131,21 +159,22 @@ def detect_sinks(
     num_layers = num_layers or flags.shape[0]
     if positions is None:
         positions = np.arange(flags.shape[1])
+    columns = np.flatnonzero(flags.any(axis=0))
+    if columns.size == 0:
+        return []
+    runs = flagged_runs(flags[:, columns], window)
+    births, lasts = runs.birth.tolist(), runs.last.tolist()
     events: list[SinkEvent] = []
-    for column in np.flatnonzero(flags.any(axis=0)):
-        run = flagged_run(flags[:, column], window)
-        if run is None:
-            continue
-        birth, last, layers = run
-        lifetime = last - birth + 1
+    for i, column in enumerate(columns.tolist()):
+        lifetime = lasts[i] - births[i] + 1
         events.append(
             SinkEvent(
                 position=int(positions[column]),
-                birth_layer=birth,
+                birth_layer=births[i],
                 lifetime=lifetime,
-                last_layer=last,
+                last_layer=lasts[i],
                 kind=config.lifetime.classify(lifetime, num_layers),
-                flagged_layers=layers,
+                flagged_layers=np.flatnonzero(runs.in_run[:, i]).tolist(),
             )
         )
     return events
@@ -201,13 +230,21 @@ def detect_columns(
     positions: np.ndarray | None = None,
     reference: int | None = None,
     num_layers: int | None = None,
+    hidden_norm: np.ndarray | None = None,
+    hidden_median: np.ndarray | None = None,
 ) -> list[SinkEvent]:
     """Flag, detect, classify and attribute formation for N tokens against one reference.
 
-    ``hidden_cos``, ``mlp_norm``, ``mlp_cos`` are [L, N]: a whole prompt offline, or the tokens
-    of one engine step online. This is the single place both paths go through.
+    ``hidden_cos``, ``mlp_norm``, ``mlp_cos`` (and ``hidden_norm``, needed by the norm condition)
+    are [L, N]: a whole prompt offline, or the tokens of one engine step online; the medians [L]
+    come from the prompt or the profile. This is the single place both paths go through.
     """
-    flags = flag_matrix(hidden_cos, window, config.cos_threshold)
+    norm_ratio = None
+    if config.min_norm_ratio > 0:
+        if hidden_norm is None or hidden_median is None:
+            raise ValueError("the detector's norm condition needs hidden_norm and hidden_median")
+        norm_ratio = hidden_norm / np.maximum(hidden_median[:, None], 1e-12)
+    flags = flag_matrix(hidden_cos, window, config.cos_threshold, norm_ratio, config.min_norm_ratio)
     events = detect_sinks(flags, window, config, num_layers=num_layers, positions=positions)
     if not events:  # the common case online: a decode step without sinks
         return events
@@ -217,6 +254,8 @@ def detect_columns(
     attribute_formation(events, mlp_norm, mlp_cos, mlp_median, config.formation_lookback, columns)
     for event in events:
         event.is_reference = event.position == reference
+    if config.min_formation_ratio > 0:  # no formation signal, no sink (the reference is kept)
+        events = [e for e in events if e.is_reference or (e.mlp_norm_ratio or 0.0) >= config.min_formation_ratio]
     return events
 
 
@@ -229,13 +268,14 @@ def detect_in_trace(
     reference: int | None = None,
     window: np.ndarray | None = None,
     mlp_median: np.ndarray | None = None,
+    hidden_median: np.ndarray | None = None,
 ) -> Detection:
     """Run the whole detector on one sequence's trace arrays.
 
     ``hidden_cos``/``mlp_cos`` are [R, L, T]. With ``reference=None`` the reference is chosen
     among the candidates (per-prompt reference, the paper's method); otherwise row
     ``min(reference, R-1)`` is used, e.g. a profile's stored direction at row 0 with the
-    reference position given. ``window`` and ``mlp_median`` default to this sequence's own.
+    reference position given. ``window`` and the medians default to this sequence's own.
     """
     if reference is None:
         reference = choose_reference(hidden_norm, hidden_cos.shape[0])
@@ -247,5 +287,8 @@ def detect_in_trace(
         window = active_window(norm_ratio, hidden_norm[:, reference], config)
     if mlp_median is None:
         mlp_median = np.median(mlp_norm, axis=1)
-    events = detect_columns(hidden_cos[row], mlp_norm, mlp_cos[row], window, mlp_median, config, reference=reference)
+    if hidden_median is None:
+        hidden_median = np.median(hidden_norm, axis=1)
+    events = detect_columns(hidden_cos[row], mlp_norm, mlp_cos[row], window, mlp_median, config, reference=reference,
+                            hidden_norm=hidden_norm, hidden_median=hidden_median)
     return Detection(reference=reference, norm_ratio=norm_ratio, window=window, events=events)

@@ -58,6 +58,7 @@ class StepDetector:
         self.hidden_size = int(self.references.shape[-1])
         self.window = profile.window_mask()
         self.mlp_median = profile.median_mlp_norm
+        self.hidden_median = profile.median_hidden_norm
         self.reference_position = profile.reference_position
         self.buffer_tokens = buffer_tokens
         self.zero_copy = True  # until the engine is seen to overwrite layer outputs in place
@@ -173,6 +174,7 @@ class StepDetector:
         events = detect_columns(
             stats["hidden_cos"][0], stats["mlp_norm"], stats["mlp_cos"][0], self.window, self.mlp_median,
             self.config, positions=columns, num_layers=self.num_layers,
+            hidden_norm=stats["hidden_norm"], hidden_median=self.hidden_median,
         )
         out = []
         for event in events:

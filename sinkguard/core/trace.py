@@ -75,6 +75,7 @@ class SequenceTrace:
     ref_hidden: np.ndarray | None = None  # [R, L, d]
     ref_mlp: np.ndarray | None = None  # [R, L, d]
     head_scores: np.ndarray | None = None  # [L, H, T]
+    attention_windows: list[int | None] | None = None  # per layer: sliding window (None: full causal)
     reference_from_profile: bool = False
     extras: dict[str, np.ndarray] = field(default_factory=dict)
 

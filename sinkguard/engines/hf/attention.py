@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sinkguard.core.attention import attention_with_received_mass, sink_scores_from_received
+from sinkguard.core.attention import AttentionVariant, attention_with_received_mass, sink_scores_from_received
 from sinkguard.errors import ModelLoadError
 
 ATTENTION_IMPLEMENTATION = "sinkguard"
@@ -31,9 +32,11 @@ class AttentionRecorder:
         self.min_votes = min_votes
         self.chunk = chunk
         self.head_scores: list[torch.Tensor | None] = [None] * num_layers
+        self.windows: list[int | None] = [None] * num_layers
 
-    def record(self, layer: int, received: torch.Tensor) -> None:
-        self.head_scores[layer] = sink_scores_from_received(received[0], self.min_votes)
+    def record(self, layer: int, received: torch.Tensor, sliding_window: int | None = None) -> None:
+        self.head_scores[layer] = sink_scores_from_received(received[0], self.min_votes, sliding_window)
+        self.windows[layer] = sliding_window
 
     def stacked(self) -> torch.Tensor:
         missing = [i for i, s in enumerate(self.head_scores) if s is None]
@@ -56,6 +59,34 @@ def recording(recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
         _active.reset(token)
 
 
+# Keyword arguments that change which keys a query sees in ways the chunked path does not model.
+_REFUSED_KWARGS = {
+    "cu_seq_lens_q": "packed sequences", "cu_seq_lens_k": "packed sequences",
+    "attention_chunk_size": "chunked local attention", "chunk_size": "chunked local attention",
+}
+
+
+def attention_variant(module: torch.nn.Module, kwargs: dict[str, Any]) -> AttentionVariant:
+    """The layer's sliding window, soft-capping and learned sink logits, or ModelLoadError naming
+    what the exact chunked path cannot honour."""
+    for name, what in _REFUSED_KWARGS.items():
+        if kwargs.get(name) is not None:
+            raise ModelLoadError(f"{type(module).__name__} passes `{name}` ({what}), which sinkguard's attention sink "
+                                 "scores do not support; scan with --no-attention")
+    if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
+        raise ModelLoadError(f"{type(module).__name__} is not causal attention; attention sinks need a causal decoder")
+    window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
+    softcap = kwargs.get("softcap")
+    sinks = kwargs.get("s_aux")
+    if sinks is None:
+        sinks = getattr(module, "sinks", None)
+    return AttentionVariant(
+        sliding_window=int(window) if window else None,
+        softcap=float(softcap) if softcap else None,
+        sink_logits=sinks.detach() if isinstance(sinks, torch.Tensor) else None,
+    )
+
+
 def sinkguard_attention_forward(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -68,19 +99,20 @@ def sinkguard_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     recorder = _active.get()
     if recorder is None or query.shape[2] != key.shape[2]:
-        # Not scanning, or decoding with a cache: plain SDPA.
+        # Not scanning, or decoding with a cache: plain SDPA (masks come from sdpa_mask, see below).
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    if kwargs.get("sliding_window") or getattr(module, "sliding_window", None):
-        raise ModelLoadError(
-            f"{type(module).__name__} uses sliding-window attention, which sinkguard's attention sink scores do "
-            "not support yet; scan with --no-attention (the hidden-state detector still works)"
-        )
+    variant = attention_variant(module, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    output, received = attention_with_received_mass(query, key, value, scale, chunk=recorder.chunk)
-    recorder.record(module.layer_idx, received)
+    output, received = attention_with_received_mass(query, key, value, scale, chunk=recorder.chunk,
+                                                    variant=variant, mask=attention_mask)
+    recorder.record(module.layer_idx, received, variant.sliding_window)
     # transformers expects [B, T, H, d] from attention functions.
     return output.transpose(1, 2).contiguous(), None
 
 
 AttentionInterface.register(ATTENTION_IMPLEMENTATION, sinkguard_attention_forward)
+# Without a registered mask function transformers builds no mask at all for a custom implementation
+# (it assumes the kernel masks by itself): sliding-window layers would then see every key outside a
+# scan. SDPA's mask function gives exactly what the SDPA fallback expects.
+AttentionMaskInterface.register(ATTENTION_IMPLEMENTATION, sdpa_mask)

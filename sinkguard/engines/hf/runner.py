@@ -14,27 +14,13 @@ from typing import Any
 
 import torch
 
+from sinkguard.architectures import ArchitectureContract, contract_for_config, decoder_layers, mlp_output_module
 from sinkguard.config import AttentionConfig
 from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
 from sinkguard.core.trace import LayerStatistics, SequenceTrace, layer_statistics, stack_layers
 from sinkguard.engines.hf.attention import ATTENTION_IMPLEMENTATION, AttentionRecorder, recording
 from sinkguard.errors import InputError, ModelLoadError
 from sinkguard.models import ResolvedModel, resolve_model
-
-
-def _decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    """The decoder layers of a causal LM, or a ModelLoadError naming what is missing."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    if layers is None and inner is not None:  # multimodal wrappers: model.model.language_model.layers
-        layers = getattr(getattr(inner, "language_model", None), "layers", None)
-    arch = type(model).__name__
-    if layers is None or len(layers) == 0:
-        raise ModelLoadError(f"unsupported architecture {arch}: no decoder layers at model.model.layers")
-    for name in ("mlp", "self_attn"):
-        if not hasattr(layers[0], name):
-            raise ModelLoadError(f"unsupported architecture {arch}: decoder layers have no `{name}`")
-    return layers
 
 
 @dataclass
@@ -45,6 +31,7 @@ class HFSinkModel:
     tokenizer: Any
     source: ResolvedModel
     info: ModelInfo
+    contract: ArchitectureContract
 
     @classmethod
     def load(cls, spec: str | Path | None = None, dtype: torch.dtype = torch.float32) -> HFSinkModel:
@@ -55,6 +42,7 @@ class HFSinkModel:
             config = AutoConfig.from_pretrained(source.path)
         except Exception as exc:
             raise ModelLoadError(f"cannot read the config of {source.path}: {exc}") from exc
+        contract = contract_for_config(config)  # refuses unknown layer structures by name, before loading
         try:
             tokenizer = AutoTokenizer.from_pretrained(source.path)
             model = AutoModelForCausalLM.from_pretrained(
@@ -69,14 +57,15 @@ class HFSinkModel:
         except Exception as exc:  # corrupt safetensors, missing shards, ...
             raise ModelLoadError(f"could not load model from {source.path}: {exc}") from exc
         model.eval()
-        layers = _decoder_layers(model)
+        layers = decoder_layers(model)
+        mlp_output_module(layers[0], contract)
         norms = [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
         info = model_info_from_config(model.config, type(model).__name__, source.name, norms, len(layers))
-        return cls(model=model, tokenizer=tokenizer, source=source, info=info)
+        return cls(model=model, tokenizer=tokenizer, source=source, info=info, contract=contract)
 
     @property
     def layers(self) -> torch.nn.ModuleList:
-        return _decoder_layers(self.model)
+        return decoder_layers(self.model)
 
     @property
     def context_length(self) -> int:
@@ -142,7 +131,8 @@ class HFSinkModel:
         handles = []
         try:
             for i, layer in enumerate(layers):
-                handles.append(layer.mlp.register_forward_hook(on_mlp(i)))
+                # the contract's module: what the layer adds to the residual stream (post-norm'd on Gemma)
+                handles.append(mlp_output_module(layer, self.contract).register_forward_hook(on_mlp(i)))
                 handles.append(layer.register_forward_hook(on_layer(i)))
             input_ids = torch.tensor([token_ids], dtype=torch.long)
             recorder = None
@@ -159,6 +149,7 @@ class HFSinkModel:
             ref_hidden=torch.stack(ref_hidden, dim=1).numpy(),  # type: ignore[arg-type]
             ref_mlp=torch.stack(ref_mlp, dim=1).numpy(),  # type: ignore[arg-type]
             head_scores=recorder.stacked().numpy() if recorder is not None else None,
+            attention_windows=list(recorder.windows) if recorder is not None else None,
             reference_from_profile=reference_directions is not None,
             **stats,
         )
