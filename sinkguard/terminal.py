@@ -64,13 +64,13 @@ def print_scan_summary(result: ScanResult, console: Console | None = None) -> No
 def print_agreement(agreement: dict, criteria: dict, console: Console) -> None:
     """How hidden-state flags agree with attention-confirmed sinks (one line + per-kind table)."""
     meets = ((agreement["recall"] is None or agreement["recall"] >= criteria["target_recall"])
-             and agreement["unexplained_secondary_per_256_tokens"] <= criteria["target_unexplained_per_256"])
+             and agreement["unexplained_sink_flags_per_256_tokens"] <= criteria["target_unexplained_per_256"])
     colour = "green" if meets else "red"
     console.print(
         f"agreement with attention: [{colour}]recall {_fmt(agreement['recall'])}[/] of "
         f"{agreement['strong_attention_sinks']} strong sinks (>= {criteria['strong_ratio']:g}x uniform for >= "
-        f"{criteria['strong_layers']} layers), [{colour}]{_fmt(agreement['unexplained_secondary_per_256_tokens'])} "
-        f"unexplained secondary flags per 256 tokens[/] (no sink >= {criteria['weak_ratio']:g}x for >= "
+        f"{criteria['strong_layers']} layers), [{colour}]{_fmt(agreement['unexplained_sink_flags_per_256_tokens'])} "
+        f"unexplained sink flags per 256 tokens[/] (no sink >= {criteria['weak_ratio']:g}x for >= "
         f"{criteria['weak_layers']} layers within {criteria['match_distance']}); targets: recall >= "
         f"{criteria['target_recall']}, <= {criteria['target_unexplained_per_256']}")
     table = Table(title="flags by kind", title_justify="left")

@@ -39,9 +39,9 @@ def default_scan(hf_model, scan_config):
 
 @pytest.fixture(scope="session")
 def profile(default_scan):
-    from sinkguard.calibrate import profile_from_scan
+    from sinkguard.calibrate import choose_detector, profile_from_scan
 
-    return profile_from_scan(default_scan)
+    return profile_from_scan(*choose_detector(default_scan))
 
 
 @pytest.fixture(scope="session")

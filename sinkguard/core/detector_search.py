@@ -9,8 +9,8 @@ runs over the prompts' traces, no model needed, and is scored against the attent
 sinks of :mod:`sinkguard.core.validation`.
 
 Choice: among settings that reach the targets (recall of strong sinks, unexplained flags per 256
-tokens), the one with the highest recall, then the fewest unexplained secondary flags, then the
-fewest unexplained flags of any kind, then the most flags explained by weak sinks, then the
+tokens), the one with the highest recall, then the fewest unexplained sink flags, then the
+fewest unexplained flags of any kind (noise included), then the most flags explained by weak sinks, then the
 simplest (fewest extra conditions). When none reaches them the
 best compromise is kept and the result says ``below_target``; when the calibration prompts hold no
 strong secondary sink at all, ``no_secondary_sinks`` is the (useful) answer.
@@ -108,7 +108,7 @@ def evaluate(prompts: Sequence[TraceArrays], config: DetectorConfig, confirmatio
 
 def _rank(candidate: Candidate) -> tuple:
     a = candidate.agreement
-    explained = a.flags["secondary"] - a.unexplained["secondary"]
+    explained = a.flags["secondary"] + a.flags["primary"] - a.unexplained["secondary"] - a.unexplained["primary"]
     # unexplained flags of every kind count after the secondary ones: online, noise and primary
     # events are recorded too, and thousands of them would bury the real sinks
     recall = a.recall if a.recall is not None else 1.0

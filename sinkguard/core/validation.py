@@ -9,13 +9,15 @@ share), for at least ``layers`` consecutive layers, judged only where at least `
 queries see the key (a key near the end of a prompt has too few voters to say anything).
 
 Two grades are used (:class:`~sinkguard.config.ConfirmationConfig`): *strong* sinks (default
->= 10x for >= 6 layers), which the detector must find (recall), and *weak* sinks (>= 3x for >= 3
-layers), which a flag must at least match within ``match_distance`` positions, or it is
-*unexplained* (a false alarm). Engine independent: inputs are the scan's ``[L, H, T]`` scores.
+>= 10x for >= 6 layers), which the detector must find (recall: a flag of secondary or primary kind
+within ``match_distance`` positions), and *weak* sinks (>= 3x for >= 3 layers), which every sink
+flag must at least match, or it is *unexplained* (a false alarm). Noise-kind flags are counted
+and reported but claim no sink. Engine independent: inputs are the scan's ``[L, H, T]`` scores.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -38,7 +40,8 @@ def uniform_ratio(head_scores: np.ndarray, windows: Sequence[int | None] | None,
         if window not in baselines:
             baselines[window] = (uniform_share(length, window).numpy(), visible_queries(length, window).numpy())
         share, votes = baselines[window]
-        with np.errstate(all="ignore"):
+        with warnings.catch_warnings():  # keys no query scores are all-NaN columns: NaN is the answer
+            warnings.simplefilter("ignore", RuntimeWarning)
             scores = np.nanmean(head_scores[layer], axis=0)
         ratio[layer] = np.where(votes >= min_queries, scores / share, np.nan)
     return ratio
@@ -97,7 +100,7 @@ class Agreement:
     prompts: int = 0
     tokens_judged: int = 0
     strong: int = 0
-    strong_found: int = 0  # strong sinks with a secondary flag within match_distance
+    strong_found: int = 0  # strong sinks with a sink flag (secondary or primary kind) within match_distance
     weak: int = 0
     flags: dict[str, int] = field(default_factory=lambda: {"secondary": 0, "primary": 0, "noise": 0})
     unexplained: dict[str, int] = field(default_factory=lambda: {"secondary": 0, "primary": 0, "noise": 0})
@@ -114,13 +117,16 @@ class Agreement:
 
     @property
     def recall(self) -> float | None:
-        """Share of strong attention sinks that a secondary flag found (None: there were none)."""
+        """Share of strong attention sinks that a sink flag found (None: there were none)."""
         return self.strong_found / self.strong if self.strong else None
 
     @property
     def unexplained_per_256(self) -> float:
-        """Secondary flags that match no attention sink, per 256 judged tokens."""
-        return 256.0 * self.unexplained["secondary"] / max(self.tokens_judged, 1)
+        """Sink flags (secondary or primary kind, never the reference) that match no attention sink,
+        per 256 judged tokens. Primary-kind flags count too: on a model whose every hidden state is
+        aligned with the reference, ordinary tokens are flagged through all layers and would
+        otherwise hide as "primary"."""
+        return 256.0 * (self.unexplained["secondary"] + self.unexplained["primary"]) / max(self.tokens_judged, 1)
 
     def precision(self, kind: str = "secondary") -> float | None:
         flags = self.flags[kind]
@@ -141,7 +147,7 @@ class Agreement:
             "weak_attention_sinks": self.weak,
             "strong_found": self.strong_found,
             "recall": rounded(self.recall),
-            "unexplained_secondary_per_256_tokens": rounded(self.unexplained_per_256),
+            "unexplained_sink_flags_per_256_tokens": rounded(self.unexplained_per_256),
             "flags": dict(self.flags),
             "unexplained_flags": dict(self.unexplained),
             "precision": {kind: rounded(self.precision(kind)) for kind in self.flags},
@@ -162,6 +168,6 @@ def agreement(
         flagged = np.asarray(positions, dtype=int)
         result.flags[kind] = int(flagged.size)
         result.unexplained[kind] = int((~_near(flagged, confirmed.weak, config.match_distance)).sum())
-    secondary = np.asarray(by_kind["secondary"], dtype=int)
-    result.strong_found = int(_near(confirmed.strong, secondary, config.match_distance).sum())
+    sink_flags = np.asarray(by_kind["secondary"] + by_kind["primary"], dtype=int)
+    result.strong_found = int(_near(confirmed.strong, sink_flags, config.match_distance).sum())
     return result

@@ -10,16 +10,19 @@ from sinkguard.core.online import RequestTracker, StepDetector
 
 
 def planted_step(profile, tokens: int = 6, seed: int = 0):
-    """Random activations; token 3 aligned with the reference in layers 2..8 (a secondary sink)."""
+    """Activations at the profile's median token scale; token 3 is a secondary sink: aligned with the
+    reference and 10x the median norm in layers 2..8, formed by a 40x aligned layer-2 MLP output."""
     generator = torch.Generator().manual_seed(seed)
     layers, dim = profile.model.num_layers, profile.model.hidden_size
-    residual = torch.randn(layers, tokens, dim, generator=generator)
-    mlp = torch.randn(layers, tokens, dim, generator=generator)
+    hidden_scale = torch.from_numpy(profile.median_hidden_norm)[:, None, None] / dim**0.5
+    mlp_scale = torch.from_numpy(profile.median_mlp_norm)[:, None, None] / dim**0.5
+    residual = torch.randn(layers, tokens, dim, generator=generator) * hidden_scale
+    mlp = torch.randn(layers, tokens, dim, generator=generator) * mlp_scale
     reference = profile.reference_hidden_tensor()
     for layer in range(2, 9):
-        residual[layer, 3] = 40 * reference[layer] - mlp[layer, 3]
-    mlp[2, 3] = 60 * reference[2]  # the forming MLP writes a large aligned vector
-    residual[2, 3] = 0.0
+        residual[layer, 3] = 10 * float(profile.median_hidden_norm[layer]) * reference[layer] - mlp[layer, 3]
+    mlp[2, 3] = 40 * float(profile.median_mlp_norm[2]) * reference[2]  # the forming MLP writes a large aligned vector
+    residual[2, 3] = 10 * float(profile.median_hidden_norm[2]) * reference[2] - mlp[2, 3]
     return residual, mlp
 
 

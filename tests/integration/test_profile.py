@@ -22,6 +22,18 @@ def test_profile_contents_on_embedded_model(profile, default_scan):
     np.testing.assert_allclose(norms, 1.0, atol=1e-5)
 
 
+def test_profile_records_the_validated_detector(profile):
+    validation = profile.meta.validation
+    assert validation["status"] == "validated", validation["message"]
+    chosen = validation["chosen"]
+    assert chosen["recall"] >= 0.9 and chosen["unexplained_sink_flags_per_256_tokens"] <= 0.5
+    assert validation["settings_tried"] >= 100
+    assert validation["criteria"]["strong_ratio"] == 10.0
+    # what is stored is what the online detector will run
+    assert profile.meta.detector.cos_threshold == chosen["cos_threshold"]
+    assert profile.meta.detector.min_norm_ratio == chosen["min_norm_ratio"]
+
+
 def test_round_trip(tmp_path, profile):
     profile.save(tmp_path / "p")
     loaded = SinkProfile.load(tmp_path / "p")
@@ -55,7 +67,11 @@ def test_corrupt_and_foreign_profiles(tmp_path, profile):
     (folder / "profile.json").write_text(json.dumps(meta))
     with pytest.raises(ProfileError, match="schema version 99"):
         SinkProfile.load(folder)
-    meta["schema_version"] = 1
+    meta["schema_version"] = 1  # a profile written before attention-validated calibration
+    (folder / "profile.json").write_text(json.dumps(meta))
+    with pytest.raises(ProfileError, match=r"version 1; .*Recalibrate: `sinkguard calibrate"):
+        SinkProfile.load(folder)
+    meta["schema_version"] = 2
     meta["window_layers"] = "all"
     (folder / "profile.json").write_text(json.dumps(meta))
     with pytest.raises(ProfileError, match="window_layers"):

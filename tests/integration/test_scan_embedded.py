@@ -103,8 +103,17 @@ def test_model_without_trained_sinks_reports_none(random_model_dir):
 
 
 def test_profile_reference_finds_the_same_sinks(hf_model, default_scan, profile, scan_config):
+    """The stored reference direction stands in for each prompt's own first token: same detector,
+    window and medians, only the reference differs."""
+    from sinkguard.core.detection import detect_in_trace
+
     for prompt in default_scan.prompts[:3]:
+        trace = prompt.trace
+        own = detect_in_trace(trace.hidden_norm, trace.hidden_cos, trace.mlp_norm, trace.mlp_cos,
+                              profile.meta.detector, reference=0, window=profile.window_mask(),
+                              mlp_median=profile.median_mlp_norm, hidden_median=profile.median_hidden_norm)
         with_profile = scan_prompt(hf_model, prompt.token_ids, scan_config, profile=profile)
-        own = {(e.position, e.birth_layer, e.lifetime, e.kind) for e in prompt.detection.events}
+        own_keys = {(e.position, e.birth_layer, e.lifetime, e.kind) for e in own.events}
         stored = {(e.position, e.birth_layer, e.lifetime, e.kind) for e in with_profile.detection.events}
-        assert own == stored
+        assert own_keys == stored
+        assert any(kind == "secondary" for *_, kind in stored)

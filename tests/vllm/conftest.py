@@ -8,10 +8,6 @@ float32: vLLM's CPU default (bf16) would make detection coarser than the float32
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -39,14 +35,9 @@ def online_prompts(hf_model) -> list[list[int]]:
 
 def generate_offline(model_dir: Path, prompts: list[list[int]], folder: Path, config: Path | None = None) -> dict:
     """Greedy generation in a separate process with an offline vLLM engine (float32)."""
-    (folder / "prompts.json").write_text(json.dumps(prompts))
-    script = Path(__file__).with_name("plain_generate.py")
-    command = [sys.executable, str(script), str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
-               str(MAX_TOKENS)] + ([str(config)] if config else [])
-    proc = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return json.loads((folder / "out.json").read_text())
+    from sinkguard.engines.vllm.offline import generate
+
+    return generate(model_dir, prompts, folder, MAX_TOKENS, config)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ like a normal one outside a scan.
 from __future__ import annotations
 
 import contextvars
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -66,6 +67,22 @@ _REFUSED_KWARGS = {
 }
 
 
+def _additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, window: int | None,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """The additive float mask eager attention functions expect, from the boolean SDPA-style mask
+    transformers built for this implementation (None when it left causality to the kernel)."""
+    if mask is None:  # causal, aligned to the last key (decode with a cache), plus the window
+        rows = torch.arange(q_len)[:, None] + (k_len - q_len)
+        cols = torch.arange(k_len)[None, :]
+        visible = cols <= rows
+        if window:
+            visible &= cols > rows - window
+        mask = visible[None, None]
+    if mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+
+
 def attention_variant(module: torch.nn.Module, kwargs: dict[str, Any]) -> AttentionVariant:
     """The layer's sliding window, soft-capping and learned sink logits, or ModelLoadError naming
     what the exact chunked path cannot honour."""
@@ -99,7 +116,13 @@ def sinkguard_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     recorder = _active.get()
     if recorder is None or query.shape[2] != key.shape[2]:
-        # Not scanning, or decoding with a cache: plain SDPA (masks come from sdpa_mask, see below).
+        # Not scanning, or decoding with a cache: the model's own attention. SDPA cannot soft-cap
+        # or add sink logits, so such layers run the eager function of their own modeling module.
+        if kwargs.get("softcap") or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+            eager = sys.modules[type(module).__module__].eager_attention_forward
+            mask = _additive_mask(attention_mask, query.shape[2], key.shape[2],
+                                  kwargs.get("sliding_window", getattr(module, "sliding_window", None)), query.dtype)
+            return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
     variant = attention_variant(module, kwargs)

@@ -2,10 +2,11 @@
 online detector.
 
 Installed by the plugin after the model runner has loaded the model (see ``plugin.py``). It only
-translates: vLLM's decoder layers return ``(mlp_output, residual)``, whose sum is the residual
-stream the paper's detector reads; the forward context says which rows of the flattened batch
-belong to which request. Detection, per-request records and metrics are
-:mod:`sinkguard.core.online` and :mod:`sinkguard.metrics`.
+translates: vLLM's decoder layers return ``(mlp_contribution, residual)`` for every family of
+:mod:`sinkguard.architectures` (on Gemma the contribution is already post-normed, the same tensor
+the transformers adapter hooks), whose sum is the residual stream the paper's detector reads; the
+forward context says which rows of the flattened batch belong to which request. Detection,
+per-request records and metrics are :mod:`sinkguard.core.online` and :mod:`sinkguard.metrics`.
 
 Each decoder layer's ``forward`` is wrapped (an instance attribute, removed again by
 :meth:`VllmSinkRuntime.remove`) rather than given a forward hook: with a hook installed, PyTorch
@@ -28,10 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from sinkguard.architectures import contract_for_config, decoder_layers
 from sinkguard.config import ServeConfig
 from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
 from sinkguard.core.online import RequestTracker, StepDetector
-from sinkguard.errors import ConfigError, ModelLoadError
+from sinkguard.errors import ConfigError
 from sinkguard.profile import SinkProfile
 
 logger = logging.getLogger("sinkguard")
@@ -57,18 +59,8 @@ def check_engine_settings(vllm_config: Any) -> None:
                           "set --pipeline-parallel-size 1")
 
 
-def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
-    base = getattr(model, "model", None)
-    layers = getattr(base, "layers", None)
-    if layers is None or not len(layers) or not hasattr(layers[0], "mlp"):
-        raise ModelLoadError(
-            f"sinkguard does not support {type(model).__name__} in vLLM: expected decoder layers with an MLP "
-            "at model.model.layers (Llama-style architectures)"
-        )
-    return layers
-
-
 def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str) -> ModelInfo:
+    contract_for_config(hf_config)  # an architecture without a checked contract is refused by name
     norms = [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
     architecture = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
     return model_info_from_config(hf_config, architecture, name, norms, len(decoder_layers(model)))

@@ -1,0 +1,56 @@
+"""Greedy generation through an offline vLLM engine, optionally with sinkguard detecting, in a
+separate process (vLLM spawns workers, and one engine per process keeps tests and benchmarks from
+sharing state):
+
+    python -m sinkguard.engines.vllm.offline MODEL_DIR PROMPTS.json OUT.json MAX_TOKENS [SINKGUARD_CONFIG]
+
+PROMPTS.json holds token-id lists. Without SINKGUARD_CONFIG the plugin stays inert (plain vLLM);
+with it, OUT.json also holds each request's sink record (``{"tokens", "records"}``). Float32,
+eager, no prefix caching: the settings the detector needs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def generate(model_dir: Path, prompts: list[list[int]], folder: Path, max_tokens: int,
+             serve_config: Path | None = None, timeout: float = 900) -> dict:
+    """Run this module in a subprocess; returns ``{"tokens": [...], "records": [...]}``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "prompts.json").write_text(json.dumps(prompts))
+    command = [sys.executable, "-m", __name__, str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
+               str(max_tokens)] + ([str(serve_config)] if serve_config else [])
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"offline vLLM run failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads((folder / "out.json").read_text())
+
+
+def _main(argv: list[str]) -> None:
+    model_dir, prompts_path, out_path, max_tokens = argv[:4]
+    if len(argv) > 4:
+        os.environ["SINKGUARD_CONFIG"] = argv[4]
+    else:
+        os.environ.pop("SINKGUARD_CONFIG", None)
+    from vllm import LLM, SamplingParams
+
+    prompts = json.loads(Path(prompts_path).read_text())
+    llm = LLM(model=model_dir, enforce_eager=True, enable_prefix_caching=False, max_model_len=2048, seed=0,
+              dtype="float32")
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                           SamplingParams(temperature=0.0, max_tokens=int(max_tokens)), use_tqdm=False)
+    records = []
+    if len(argv) > 4:
+        records = [llm.collective_rpc("sinkguard_lookup", args=(o.request_id,))[0] for o in outputs]
+    Path(out_path).write_text(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs],
+                                          "records": records}))
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1:])
