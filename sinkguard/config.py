@@ -212,6 +212,10 @@ class ServeConfig(_Strict):
     """Export ``sinkguard:`` Prometheus metrics (needs PROMETHEUS_MULTIPROC_DIR in a server)."""
     model_name: str | None = None
     """``model_name`` label of the metrics (default: the profile's model name)."""
+    allow_unvalidated_detector: bool = False
+    """Serve with a profile whose detector did not reach the agreement targets with attention
+    (status ``below_target``) or was never checked (``unvalidated``, calibrated without attention).
+    Off by default: such a detector may flag ordinary tokens, and interventions would edit them."""
 
 
 def load_serve_config(path: Path | str) -> ServeConfig:

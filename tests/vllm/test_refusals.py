@@ -74,3 +74,33 @@ def test_engine_refuses_profile_of_other_weights(random_model_dir, serve_config)
     proc = start_engine(random_model_dir, serve_config, max_model_len=128)
     assert proc.returncode != 0 and "STARTED" not in proc.stdout
     assert "does not match model" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_profile_whose_detector_missed_its_targets_is_refused(served_profile):
+    from sinkguard.engines.vllm.plugin import check_profile_trust
+    from sinkguard.profile import SinkProfile
+
+    path, profile = served_profile
+    check_profile_trust(profile, ServeConfig(profile=str(path)))  # a validated profile is served
+    meta = profile.meta.model_copy(update={"validation": {**profile.meta.validation, "status": "below_target",
+                                                          "message": "recall 0.40"}})
+    doubtful = SinkProfile(meta, profile.tensors)
+    with pytest.raises(ConfigError, match=r"status 'below_target' \(recall 0.40\).*allow_unvalidated_detector"):
+        check_profile_trust(doubtful, ServeConfig(profile=str(path)))
+    check_profile_trust(doubtful, ServeConfig(profile=str(path), allow_unvalidated_detector=True))
+
+
+@pytest.mark.slow
+def test_engine_refuses_an_architecture_without_a_contract(tmp_path, hf_model, serve_config):
+    import torch
+    import transformers
+
+    config = transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                        num_attention_heads=2, vocab_size=hf_model.info.vocab_size,
+                                        max_position_embeddings=128, architectures=["GPTNeoXForCausalLM"])
+    torch.manual_seed(0)
+    transformers.GPTNeoXForCausalLM(config).save_pretrained(tmp_path / "neox")
+    hf_model.tokenizer.save_pretrained(tmp_path / "neox")
+    proc = start_engine(tmp_path / "neox", serve_config, max_model_len=128)
+    assert proc.returncode != 0 and "STARTED" not in proc.stdout
+    assert "does not support the architecture GPTNeoXForCausalLM" in proc.stdout, proc.stdout[-3000:]

@@ -37,6 +37,22 @@ def enabled_config() -> ServeConfig | None:
     return config if config.enabled else None
 
 
+TRUSTED_STATUSES = ("validated", "no_secondary_sinks")
+
+
+def check_profile_trust(profile: Any, config: ServeConfig) -> None:
+    """Refuse a profile whose detector was not shown to agree with attention, unless allowed."""
+    status = profile.validation_status
+    if status in TRUSTED_STATUSES or config.allow_unvalidated_detector:
+        return
+    message = profile.meta.validation.get("message", "")
+    raise ConfigError(
+        f"sink profile {config.profile} has detector status '{status}' ({message}). Its flags may be ordinary tokens: "
+        "recalibrate with attention on and more prompts (`sinkguard calibrate`), or set allow_unvalidated_detector: "
+        "true in the sinkguard serve config to serve it anyway."
+    )
+
+
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, check_engine_settings, vllm_model_info
@@ -48,6 +64,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
         raise ConfigError(f"sinkguard supports vLLM's v1 model runner, not {type(runner).__name__}: "
                           "unset VLLM_USE_V2_MODEL_RUNNER")
     profile = SinkProfile.load(config.profile)
+    check_profile_trust(profile, config)
     info = vllm_model_info(runner.model, vllm_config.model_config.hf_config, profile.model.name)
     profile.check_model(info)
     try:
