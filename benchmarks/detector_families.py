@@ -40,6 +40,7 @@ def online_agreement(model, profile_path: Path, profile, prompts: list[list[int]
     from sinkguard.engines.vllm.offline import generate
     from sinkguard.scan import scan_prompt
 
+    folder.mkdir(parents=True, exist_ok=True)
     config = folder / "serve.json"
     config.write_text(ServeConfig(profile=str(profile_path), metrics=False).model_dump_json())
     online = generate(model.source.path, prompts, folder / "online", 4, config)

@@ -57,7 +57,12 @@ class LifetimeRule(_Strict):
 
 
 class DetectorConfig(_Strict):
-    """The hidden-state sink detector (Wong et al. 2025), engine independent."""
+    """The hidden-state sink detector (Wong et al. 2025), engine independent.
+
+    The defaults are the setting that met the agreement targets with attention-confirmed sinks on
+    every trained family measured (``benchmarks/detector_families.py``, docs/families.md); a
+    calibrated profile replaces them with the model's own choice. :meth:`paper` is the paper's rule.
+    """
 
     cos_threshold: float = Field(0.9, gt=0.0, lt=1.0)
     """A token is flagged at a layer when |cos(h_t, h_ref)| exceeds this."""
@@ -69,19 +74,32 @@ class DetectorConfig(_Strict):
     alignment with it means something). ``paper``: from the layer after the reference's largest
     norm jump to the layer after the largest following drop; on SmolLM2 it starts at layer 11,
     after every secondary sink has ended, so it is offered for comparison only."""
-    window_min_norm_ratio: float = Field(2.0, gt=1.0)
+    window_min_norm_ratio: float = Field(1.5, gt=1.0)
     """Minimum reference/median norm ratio for a layer to be inside the ``norm_ratio`` window."""
     lifetime: LifetimeRule = LifetimeRule()
     """Lifetime thresholds that separate primary, secondary and noise."""
     formation_lookback: int = Field(1, ge=0, le=4)
     """The forming MLP is searched in layers [birth - lookback, birth]."""
-    min_norm_ratio: float = Field(0.0, ge=0.0)
+    min_norm_ratio: float = Field(2.0, ge=0.0)
     """A layer flags a token only if the token's hidden-state norm is also at least this many times
     the median token's there (0: no norm condition). Alignment alone is not enough on models whose
     hidden states all share a dominant direction (Gemma 3): a sink carries a *large* aligned vector."""
-    min_formation_ratio: float = Field(0.0, ge=0.0)
+    min_formation_ratio: float = Field(12.0, ge=0.0)
     """A flagged token is a sink only if its forming MLP output is at least this many times the
     median token's (0: no formation condition): the paper's formation signal, used as evidence."""
+
+    @classmethod
+    def paper(cls) -> DetectorConfig:
+        """Wong et al.'s rule as published: |cos| > 0.9 inside the jump-to-drop window, lifetime
+        thresholds L-15 / 4, no norm or formation condition."""
+        return cls(window_rule="paper", lifetime=LifetimeRule(preset="paper"), min_norm_ratio=0.0,
+                   min_formation_ratio=0.0)
+
+    @classmethod
+    def alignment_only(cls) -> DetectorConfig:
+        """sinkguard's first default (norm-ratio window at 2x, |cos| > 0.9, no norm or formation
+        condition): right on SmolLM2, flags most tokens on Gemma 3. Kept for comparison."""
+        return cls(window_min_norm_ratio=2.0, min_norm_ratio=0.0, min_formation_ratio=0.0)
 
 
 class AttentionConfig(_Strict):

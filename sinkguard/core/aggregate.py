@@ -5,6 +5,7 @@ Engine independent: inputs are per-prompt detections plus (optionally) attention
 
 from __future__ import annotations
 
+import warnings
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 
@@ -106,7 +107,8 @@ def summarize(results: list[PromptResult], num_layers: int) -> ModelSummary:
             head_primary.append(result.head_scores[:, :, result.detection.reference])
             positions = [e.position for e in result.secondary]
             if positions:
-                with np.errstate(all="ignore"):
+                with np.errstate(all="ignore"), warnings.catch_warnings():  # all-NaN heads stay NaN
+                    warnings.simplefilter("ignore", RuntimeWarning)
                     head_secondary.append(np.nanmean(result.head_scores[:, :, positions], axis=2))
     primary = _nanmean(primary_curves, num_layers)
     secondary = _nanmean(secondary_curves, num_layers)
