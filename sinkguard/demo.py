@@ -18,7 +18,7 @@ from rich.table import Table
 
 
 def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: bool = True) -> None:
-    from sinkguard.calibrate import profile_from_scan
+    from sinkguard.calibrate import choose_detector, profile_from_scan
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.prompts import default_prompts
     from sinkguard.scan import scan
@@ -35,7 +35,7 @@ def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: 
     print_scan_summary(result, console)
     console.print("wrote " + ", ".join(str(p) for p in written))
     console.rule(f"3/{steps} sink profile")
-    profile = profile_from_scan(result)
+    profile = profile_from_scan(*choose_detector(result))  # detector settings validated against attention
     profile.save(out / "profile")
     print_profile_summary(profile, console)
     if serve:
