@@ -124,7 +124,7 @@ def markdown(rows: list[dict], default: dict | None, command: str) -> str:
 def common_default(tried: dict[str, list]) -> dict | None:
     """The grid setting meeting the targets on every family, best summed rank."""
     from sinkguard.config import ConfirmationConfig
-    from sinkguard.core.detector_search import _rank
+    from sinkguard.core.detector_search import rank
 
     names = list(tried)
     confirmation = ConfirmationConfig()
@@ -133,7 +133,7 @@ def common_default(tried: dict[str, list]) -> dict | None:
         candidates = [tried[name][index] for name in names]
         if not all(c.agreement.meets(confirmation) for c in candidates):
             continue
-        key = tuple(np.sum([_rank(c)[:3] for c in candidates], axis=0))
+        key = tuple(np.sum([rank(c)[:3] for c in candidates], axis=0))
         if best_key is None or key < best_key:
             best, best_key = candidates[0].config, key
     if best is None:

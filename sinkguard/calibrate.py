@@ -41,7 +41,7 @@ def choose_detector(result: ScanResult) -> tuple[ScanResult, SearchResult | None
     if any(p.confirmed is None for p in result.prompts):
         return result, None
     arrays = [TraceArrays(p.trace.hidden_norm, p.trace.hidden_cos, p.trace.mlp_norm, p.trace.mlp_cos, p.confirmed)
-              for p in result.prompts if p.confirmed is not None]
+              for p in result.prompts]
     search = search_detector(arrays, result.config.detector, result.config.confirmation)
     if search.status == "below_target":
         logger.warning("sinkguard calibrate: %s", search.message)

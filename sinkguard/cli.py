@@ -39,10 +39,12 @@ TokensOption = Annotated[int, typer.Option("--tokens", "-t", min=8, help="Tokens
 ConfigOption = Annotated[Optional[Path], typer.Option("--config", help="JSON file with scan settings (see ScanConfig).")]
 
 
-def _model_and_prompts(model: str | None, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int):
-    """Load the model and the prompts; prompt files are validated first, so bad input fails fast."""
+def _model_and_prompts(model: str | None, prompts: Path | None, corpus: Path | None, num_prompts: int, tokens: int,
+                       held_out: bool = False):
+    """Load the model and the prompts; prompt files are validated first, so bad input fails fast.
+    Without a file or corpus: the built-in calibration text, or (``held_out``) text it never uses."""
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.prompts import default_prompts, load_corpus, load_jsonl
+    from sinkguard.prompts import default_prompts, held_out_prompts, load_corpus, load_jsonl
 
     if prompts is not None and corpus is not None:
         raise SinkguardError("give either --prompts or --corpus, not both")
@@ -55,7 +57,8 @@ def _model_and_prompts(model: str | None, prompts: Path | None, corpus: Path | N
     tokenize = lambda text: hf_model.tokenize(text, add_bos=False)  # noqa: E731
     if corpus is not None:
         return hf_model, load_corpus(corpus, tokenize, tokens, limit=num_prompts)
-    return hf_model, default_prompts(tokenize, count=num_prompts, tokens=tokens)
+    builtin = held_out_prompts if held_out else default_prompts
+    return hf_model, builtin(tokenize, count=num_prompts, tokens=tokens)
 
 
 @app.command("pull-model")
@@ -140,19 +143,13 @@ def validate(
     """Measure a profile's detector against attention-confirmed sinks on prompts it was not calibrated
     on (default: built-in held-out text), exactly as the online detector runs it."""
     from sinkguard.config import load_config
-    from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.profile import SinkProfile
-    from sinkguard.prompts import held_out_prompts
     from sinkguard.scan import scan as run_scan
     from sinkguard.terminal import print_scan_summary
 
     settings = load_config(config)
     loaded = SinkProfile.load(profile)
-    if prompts is None and corpus is None:
-        hf_model = HFSinkModel.load(model)
-        prompt_list = held_out_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=num_prompts, tokens=tokens)
-    else:
-        hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
+    hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens, held_out=True)
     result = run_scan(hf_model, prompt_list, settings, profile=loaded)
     if out is not None:
         result.save(out, figures=False)

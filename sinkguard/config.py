@@ -132,9 +132,10 @@ class ConfirmationConfig(_Strict):
     match_distance: int = Field(1, ge=0)
     """A flag and an attention sink match when at most this many positions apart."""
     target_recall: float = Field(0.9, ge=0.0, le=1.0)
-    """Calibration target: share of strong sinks found by secondary flags."""
+    """Calibration target: share of strong sinks found by a sink flag (secondary or primary kind)."""
     target_unexplained_per_256: float = Field(0.5, ge=0.0)
-    """Calibration target: secondary flags matching no weak sink, per 256 judged tokens."""
+    """Calibration target: sink flags (secondary or primary kind) matching no weak sink, per 256
+    judged tokens."""
 
 
 class ScanConfig(_Strict):

@@ -105,12 +105,8 @@ class ScanResult:
     def agreement(self) -> Agreement | None:
         """Agreement of hidden-state flags with attention-confirmed sinks over all prompts (None
         without attention scores)."""
-        if any(p.agreement is None for p in self.prompts):
-            return None
-        total = Agreement()
-        for prompt in self.prompts:
-            total.add(prompt.agreement)  # type: ignore[arg-type]
-        return total
+        parts = [p.agreement for p in self.prompts]
+        return None if any(a is None for a in parts) else Agreement.total(parts)  # type: ignore[arg-type]
 
     def to_report(self) -> dict[str, Any]:
         primary_min, noise_max = self.config.detector.lifetime.thresholds(self.model.num_layers)

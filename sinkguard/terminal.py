@@ -9,6 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
+    from sinkguard.config import ConfirmationConfig
+    from sinkguard.core.validation import Agreement
     from sinkguard.profile import SinkProfile
     from sinkguard.scan import ScanResult
 
@@ -56,16 +58,14 @@ def print_scan_summary(result: ScanResult, console: Console | None = None) -> No
         for layer in np.flatnonzero(np.isfinite(secondary)):
             mass.add_row(str(layer), _fmt(primary[layer]), _fmt(secondary[layer]))
         console.print(mass)
-    agreement = result.agreement
-    if agreement is not None:
-        print_agreement(agreement.to_dict(), result.config.confirmation.model_dump(), console)
+    if result.agreement is not None:
+        print_agreement(result.agreement, result.config.confirmation, console)
 
 
-def print_agreement(agreement: dict, criteria: dict, console: Console) -> None:
+def print_agreement(result: Agreement, config: ConfirmationConfig, console: Console) -> None:
     """How hidden-state flags agree with attention-confirmed sinks (one line + per-kind table)."""
-    meets = ((agreement["recall"] is None or agreement["recall"] >= criteria["target_recall"])
-             and agreement["unexplained_sink_flags_per_256_tokens"] <= criteria["target_unexplained_per_256"])
-    colour = "green" if meets else "red"
+    agreement, criteria = result.to_dict(), config.model_dump()
+    colour = "green" if result.meets(config) else "red"
     console.print(
         f"agreement with attention: [{colour}]recall {_fmt(agreement['recall'])}[/] of "
         f"{agreement['strong_attention_sinks']} strong sinks (>= {criteria['strong_ratio']:g}x uniform for >= "

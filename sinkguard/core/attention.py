@@ -51,6 +51,16 @@ class AttentionVariant:
         return 0 if self.sliding_window is None else max(0, query_start - self.sliding_window + 1)
 
 
+def visible_keys(query_positions: torch.Tensor, key_positions: torch.Tensor, sliding_window: int | None
+                 ) -> torch.Tensor:
+    """Boolean ``[Q, K]``: key j is visible to query i (``j <= i``, and ``i - window < j``)."""
+    rows, cols = query_positions[:, None], key_positions[None, :]
+    visible = cols <= rows
+    if sliding_window is not None:
+        visible &= cols > rows - sliding_window
+    return visible
+
+
 def visible_queries(length: int, sliding_window: int | None, device: torch.device | str = "cpu") -> torch.Tensor:
     """``[T]``: how many queries (itself included) see key j: ``T - j``, capped by the window."""
     votes = torch.arange(length, 0, -1, device=device, dtype=torch.float32)
@@ -105,11 +115,8 @@ def attention_with_received_mass(
             scores = torch.matmul(q[:, head, :, start:end], k[:, :, lo:end].transpose(-1, -2)).float()
             if variant.softcap is not None:
                 scores = torch.tanh(scores / variant.softcap) * variant.softcap
-            rows, cols = positions[start:end, None], positions[None, lo:end]
-            hidden = cols > rows
-            if variant.sliding_window is not None:
-                hidden |= cols <= rows - variant.sliding_window
-            scores.masked_fill_(hidden, float("-inf"))
+            scores.masked_fill_(~visible_keys(positions[start:end], positions[lo:end], variant.sliding_window),
+                                float("-inf"))
             if mask is not None:
                 block = mask[:, head, :, start:end, lo:end]
                 if block.dtype == torch.bool:

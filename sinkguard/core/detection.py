@@ -163,10 +163,10 @@ def detect_sinks(
     if columns.size == 0:
         return []
     runs = flagged_runs(flags[:, columns], window)
-    births, lasts = runs.birth.tolist(), runs.last.tolist()
+    births, lasts, lifetimes = runs.birth.tolist(), runs.last.tolist(), runs.lifetime.tolist()
     events: list[SinkEvent] = []
     for i, column in enumerate(columns.tolist()):
-        lifetime = lasts[i] - births[i] + 1
+        lifetime = lifetimes[i]
         events.append(
             SinkEvent(
                 position=int(positions[column]),

@@ -9,11 +9,11 @@ runs over the prompts' traces, no model needed, and is scored against the attent
 sinks of :mod:`sinkguard.core.validation`.
 
 Choice: among settings that reach the targets (recall of strong sinks, unexplained flags per 256
-tokens), the one with the highest recall, then the fewest unexplained sink flags, then the
-fewest unexplained flags of any kind (noise included), then the most flags explained by weak sinks, then the
-simplest (fewest extra conditions). When none reaches them the
-best compromise is kept and the result says ``below_target``; when the calibration prompts hold no
-strong secondary sink at all, ``no_secondary_sinks`` is the (useful) answer.
+tokens), the one with the highest recall, then the fewest unexplained sink flags, then the fewest
+unexplained flags of any kind (noise included), then the most flags explained by weak sinks, then
+the simplest (fewest extra conditions). When none reaches them the best compromise is kept and the
+result says ``below_target``; when the calibration prompts hold no strong secondary sink at all,
+``no_secondary_sinks`` is the (useful) answer.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ class SearchResult:
     message: str = ""
 
     def to_dict(self, top: int = 10) -> dict:
-        ranked = sorted(self.tried, key=_rank)[:top]
+        ranked = sorted(self.tried, key=rank)[:top]
         return {"status": self.status, "message": self.message, "settings_tried": len(self.tried),
                 "chosen": self.chosen.summary(), "best_tried": [c.summary() for c in ranked]}
 
@@ -98,15 +98,14 @@ def calibration_window(prompts: Sequence[TraceArrays], config: DetectorConfig) -
 def evaluate(prompts: Sequence[TraceArrays], config: DetectorConfig, confirmation: ConfirmationConfig,
              mlp_median: np.ndarray, hidden_median: np.ndarray, window: np.ndarray) -> Agreement:
     """Agreement of ``config`` with the attention-confirmed sinks, with profile-like medians and window."""
-    total = Agreement()
-    for prompt in prompts:
-        detection = detect_in_trace(prompt.hidden_norm, prompt.hidden_cos, prompt.mlp_norm, prompt.mlp_cos, config,
-                                    window=window, mlp_median=mlp_median, hidden_median=hidden_median)
-        total.add(agreement(detection.events, prompt.confirmed, confirmation))
-    return total
+    return Agreement.total(
+        agreement(detect_in_trace(p.hidden_norm, p.hidden_cos, p.mlp_norm, p.mlp_cos, config, window=window,
+                                  mlp_median=mlp_median, hidden_median=hidden_median).events, p.confirmed, confirmation)
+        for p in prompts)
 
 
-def _rank(candidate: Candidate) -> tuple:
+def rank(candidate: Candidate) -> tuple:
+    """Sort key: lower is better (see the module doc for the order)."""
     a = candidate.agreement
     explained = a.flags["secondary"] + a.flags["primary"] - a.unexplained["secondary"] - a.unexplained["primary"]
     # unexplained flags of every kind count after the secondary ones: online, noise and primary
@@ -134,7 +133,7 @@ def search_detector(prompts: Sequence[TraceArrays], base: DetectorConfig, confir
     strong = tried[0].agreement.strong
     # sorted() is stable: among equals the earlier (simpler) setting of the grid wins
     if meeting:
-        chosen = sorted(meeting, key=_rank)[0]
+        chosen = sorted(meeting, key=rank)[0]
         if strong == 0:
             return SearchResult("no_secondary_sinks", chosen, tried,
                                 "the calibration prompts hold no strong attention-confirmed secondary sink: this model "
@@ -143,7 +142,7 @@ def search_detector(prompts: Sequence[TraceArrays], base: DetectorConfig, confir
                             f"recall {chosen.agreement.recall:.2f} of {strong} strong attention sinks, "
                             f"{chosen.agreement.unexplained_per_256:.2f} unexplained flags per 256 tokens")
     chosen = sorted(tried, key=lambda c: (-(c.agreement.recall or 0.0) + c.agreement.unexplained_per_256,
-                                          *_rank(c)))[0]
+                                          *rank(c)))[0]
     a = chosen.agreement
     return SearchResult("below_target", chosen, tried,
                         f"no detector setting reached recall >= {confirmation.target_recall} with <= "

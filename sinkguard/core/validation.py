@@ -105,6 +105,14 @@ class Agreement:
     flags: dict[str, int] = field(default_factory=lambda: {"secondary": 0, "primary": 0, "noise": 0})
     unexplained: dict[str, int] = field(default_factory=lambda: {"secondary": 0, "primary": 0, "noise": 0})
 
+    @classmethod
+    def total(cls, parts: Iterable[Agreement]) -> Agreement:
+        """The pooled agreement of several prompts."""
+        pooled = cls()
+        for part in parts:
+            pooled.add(part)
+        return pooled
+
     def add(self, other: Agreement) -> None:
         self.prompts += other.prompts
         self.tokens_judged += other.tokens_judged

@@ -8,7 +8,7 @@ import pytest
 
 from sinkguard.config import ConfirmationConfig, ScanConfig, ServeConfig
 from sinkguard.core.detection import SinkEvent
-from sinkguard.core.validation import agreement, confirmed_sinks
+from sinkguard.core.validation import Agreement, agreement, confirmed_sinks
 from sinkguard.scan import scan_prompt
 
 FAMILIES = ("default", "gemma3-270m")
@@ -73,15 +73,15 @@ def test_online_sink_flags_are_attention_sinks(family):
     """What the server reports as sinks on unseen text is confirmed by the model's attention."""
     model = family["model"]
     confirmation = ConfirmationConfig()
-    total = None
+    parts = []
     for prompt, found in zip(family["prompts"], family["online"]["records"]):
         trace = model.trace(prompt, ScanConfig().attention, reference_candidates=1)
         confirmed = confirmed_sinks(trace.head_scores, trace.attention_windows, confirmation)
         events = [SinkEvent(**{k: e[k] for k in ("position", "birth_layer", "lifetime", "last_layer", "kind",
                                                   "flagged_layers", "is_reference")})
                   for e in found[0]["events"] if e["phase"] == "prefill"]
-        result = agreement(events, confirmed, confirmation)
-        total = result if total is None else (total.add(result) or total)
+        parts.append(agreement(events, confirmed, confirmation))
+    total = Agreement.total(parts)
     assert total.unexplained_per_256 <= confirmation.target_unexplained_per_256, total.to_dict()
     if total.strong:  # SmolLM2 has strong secondary sinks; Gemma 3 270M shows none
         assert total.recall >= confirmation.target_recall, total.to_dict()

@@ -20,7 +20,12 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from sinkguard.core.attention import AttentionVariant, attention_with_received_mass, sink_scores_from_received
+from sinkguard.core.attention import (
+    AttentionVariant,
+    attention_with_received_mass,
+    sink_scores_from_received,
+    visible_keys,
+)
 from sinkguard.errors import ModelLoadError
 
 ATTENTION_IMPLEMENTATION = "sinkguard"
@@ -72,26 +77,24 @@ def _additive_mask(mask: torch.Tensor | None, q_len: int, k_len: int, window: in
     """The additive float mask eager attention functions expect, from the boolean SDPA-style mask
     transformers built for this implementation (None when it left causality to the kernel)."""
     if mask is None:  # causal, aligned to the last key (decode with a cache), plus the window
-        rows = torch.arange(q_len)[:, None] + (k_len - q_len)
-        cols = torch.arange(k_len)[None, :]
-        visible = cols <= rows
-        if window:
-            visible &= cols > rows - window
-        mask = visible[None, None]
+        mask = visible_keys(torch.arange(q_len) + (k_len - q_len), torch.arange(k_len), window)[None, None]
     if mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
-def attention_variant(module: torch.nn.Module, kwargs: dict[str, Any]) -> AttentionVariant:
-    """The layer's sliding window, soft-capping and learned sink logits, or ModelLoadError naming
-    what the exact chunked path cannot honour."""
+def refuse_unsupported(module: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """ModelLoadError naming what the exact chunked path cannot honour."""
     for name, what in _REFUSED_KWARGS.items():
         if kwargs.get(name) is not None:
             raise ModelLoadError(f"{type(module).__name__} passes `{name}` ({what}), which sinkguard's attention sink "
                                  "scores do not support; scan with --no-attention")
     if kwargs.get("is_causal") is False or getattr(module, "is_causal", True) is False:
         raise ModelLoadError(f"{type(module).__name__} is not causal attention; attention sinks need a causal decoder")
+
+
+def attention_variant(module: torch.nn.Module, kwargs: dict[str, Any]) -> AttentionVariant:
+    """The layer's sliding window, soft-capping and learned sink logits."""
     window = kwargs.get("sliding_window", getattr(module, "sliding_window", None))
     softcap = kwargs.get("softcap")
     sinks = kwargs.get("s_aux")
@@ -115,17 +118,17 @@ def sinkguard_attention_forward(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
     recorder = _active.get()
+    variant = attention_variant(module, kwargs)
     if recorder is None or query.shape[2] != key.shape[2]:
         # Not scanning, or decoding with a cache: the model's own attention. SDPA cannot soft-cap
         # or add sink logits, so such layers run the eager function of their own modeling module.
-        if kwargs.get("softcap") or kwargs.get("s_aux") is not None or getattr(module, "sinks", None) is not None:
+        if variant.softcap is not None or variant.sink_logits is not None:
             eager = sys.modules[type(module).__module__].eager_attention_forward
-            mask = _additive_mask(attention_mask, query.shape[2], key.shape[2],
-                                  kwargs.get("sliding_window", getattr(module, "sliding_window", None)), query.dtype)
+            mask = _additive_mask(attention_mask, query.shape[2], key.shape[2], variant.sliding_window, query.dtype)
             return eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling,
                                       dropout=dropout, **kwargs)
-    variant = attention_variant(module, kwargs)
+    refuse_unsupported(module, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     output, received = attention_with_received_mass(query, key, value, scale, chunk=recorder.chunk,
                                                     variant=variant, mask=attention_mask)
