@@ -65,7 +65,7 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
     if config == "steps-served":  # a benchmark function travels to the worker process
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if config in ("sinkguard", "ab", "steps", "steps-served"):
-        from sinkguard.calibrate import profile_for_model
+        from sinkguard.calibration import profile_for_model
         from sinkguard.config import ServeConfig
 
         profile_path, _ = profile_for_model(None)

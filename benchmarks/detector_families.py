@@ -38,7 +38,7 @@ def random_qwen3(folder: Path, tokenizer) -> Path:
 def online_agreement(model, profile_path: Path, profile, prompts: list[list[int]], folder: Path) -> float | None:
     from sinkguard.config import ScanConfig, ServeConfig
     from sinkguard.engines.vllm.offline import generate
-    from sinkguard.scan import scan_prompt
+    from sinkguard.scanner import scan_prompt
 
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "serve.json"
@@ -59,11 +59,11 @@ def online_agreement(model, profile_path: Path, profile, prompts: list[list[int]
 
 
 def run_family(name: str, spec: str, args: argparse.Namespace, workdir: Path) -> tuple[dict, list]:
-    from sinkguard.calibrate import choose_detector, profile_from_scan
+    from sinkguard.calibration import choose_detector, profile_from_scan
     from sinkguard.config import ScanConfig
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.prompts import default_prompts, held_out_prompts
-    from sinkguard.scan import scan
+    from sinkguard.scanner import scan
 
     model = HFSinkModel.load(spec)
     tokenize = lambda text: model.tokenize(text, add_bos=False)  # noqa: E731

@@ -16,15 +16,15 @@ from sinkguard.profile import SinkProfile
 
 
 def scan(*args, **kwargs):
-    """See :func:`sinkguard.scan.scan` (imported lazily: loading torch models is slow)."""
-    from sinkguard.scan import scan as _scan
+    """See :func:`sinkguard.scanner.scan` (imported lazily: loading torch models is slow)."""
+    from sinkguard.scanner import scan as _scan
 
     return _scan(*args, **kwargs)
 
 
 def calibrate(*args, **kwargs):
-    """See :func:`sinkguard.calibrate.calibrate`."""
-    from sinkguard.calibrate import calibrate as _calibrate
+    """See :func:`sinkguard.calibration.calibrate`."""
+    from sinkguard.calibration import calibrate as _calibrate
 
     return _calibrate(*args, **kwargs)
 

@@ -90,7 +90,7 @@ def scan(
     """Scan prompts for primary and secondary sinks; write DIR/report.json and figures."""
     from sinkguard.config import load_config
     from sinkguard.profile import SinkProfile
-    from sinkguard.scan import scan as run_scan
+    from sinkguard.scanner import scan as run_scan
     from sinkguard.terminal import print_scan_summary
 
     settings = load_config(config, max_tokens=max_tokens)
@@ -116,7 +116,7 @@ def calibrate(
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write the calibration scan's report and figures here.")] = None,
 ) -> None:
     """Calibrate a sink profile (reference directions, window, forming MLPs, sink heads)."""
-    from sinkguard.calibrate import calibrate as run_calibrate
+    from sinkguard.calibration import calibrate as run_calibrate
     from sinkguard.config import load_config
     from sinkguard.terminal import print_profile_summary
 
@@ -144,7 +144,7 @@ def validate(
     on (default: built-in held-out text), exactly as the online detector runs it."""
     from sinkguard.config import load_config
     from sinkguard.profile import SinkProfile
-    from sinkguard.scan import scan as run_scan
+    from sinkguard.scanner import scan as run_scan
     from sinkguard.terminal import print_scan_summary
 
     settings = load_config(config)
@@ -179,7 +179,7 @@ def serve(
     Arguments after the options go to vLLM unchanged (e.g. --max-model-len 2048,
     --tensor-parallel-size 2). sinkguard adds --enforce-eager and --no-enable-prefix-caching.
     """
-    from sinkguard.calibrate import profile_for_model
+    from sinkguard.calibration import profile_for_model
     from sinkguard.config import ServeConfig, load_serve_config
     from sinkguard.engines.vllm.server import RunningServer, prepare_launch
     from sinkguard.models import resolve_model

@@ -16,11 +16,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from sinkguard.errors import ConfigError
 
 
-class _Strict(BaseModel):
+class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class LifetimeRule(_Strict):
+class LifetimeRule(StrictModel):
     """How a flagged token's lifetime (in layers) decides its kind.
 
     The paper's code uses absolute numbers for 30-64 layer models (primary: lifetime >= L-15,
@@ -56,7 +56,7 @@ class LifetimeRule(_Strict):
         return "secondary"
 
 
-class DetectorConfig(_Strict):
+class DetectorConfig(StrictModel):
     """The hidden-state sink detector (Wong et al. 2025), engine independent.
 
     The defaults are the setting that met the agreement targets with attention-confirmed sinks on
@@ -102,7 +102,7 @@ class DetectorConfig(_Strict):
         return cls(window_min_norm_ratio=2.0, min_norm_ratio=0.0, min_formation_ratio=0.0)
 
 
-class AttentionConfig(_Strict):
+class AttentionConfig(StrictModel):
     """The attention-based sink score (mean attention a key receives from later queries)."""
 
     enabled: bool = True
@@ -115,7 +115,7 @@ class AttentionConfig(_Strict):
     """A key is counted as an attention sink at a layer when its score exceeds this."""
 
 
-class ConfirmationConfig(_Strict):
+class ConfirmationConfig(StrictModel):
     """When attention confirms a sink: the ground truth the hidden-state detector is judged by
     (:mod:`sinkguard.core.validation`), and the agreement calibration must reach."""
 
@@ -138,7 +138,7 @@ class ConfirmationConfig(_Strict):
     judged tokens."""
 
 
-class ScanConfig(_Strict):
+class ScanConfig(StrictModel):
     """Everything a scan needs besides the model and prompts."""
 
     detector: DetectorConfig = DetectorConfig()
@@ -176,7 +176,7 @@ def describe_validation_error(exc: pydantic.ValidationError, prefix: str = "") -
     )
 
 
-def validate_config(model: type[_Strict], data: Any) -> Any:
+def validate_config(model: type[StrictModel], data: Any) -> Any:
     """Validate ``data`` into ``model``; raise ConfigError naming each bad field."""
     try:
         return model.model_validate(data)
@@ -184,39 +184,7 @@ def validate_config(model: type[_Strict], data: Any) -> Any:
         raise ConfigError(f"invalid {model.__name__}: {describe_validation_error(exc)}") from None
 
 
-
-REQUEST_OPTION_PREFIX = "sinkguard_"
-
-
-class RequestOptions(_Strict):
-    """Per-request sinkguard settings, sent as ``vllm_xargs`` (``SamplingParams.extra_args``).
-
-    Keys carry the ``sinkguard_`` prefix on the wire (``{"vllm_xargs": {"sinkguard_detect":
-    false}}``) because vLLM's ``vllm_xargs`` is a flat map of scalars. The API server validates
-    them (HTTP 400 on error) and the worker parses them with the same :meth:`from_extra_args`.
-    """
-
-    detect: bool = True
-    """Record sink events for this request (the detector always runs batch-wide; this keeps or
-    drops the request's events and metrics)."""
-    max_events: int = Field(256, ge=0, le=65536)
-    """Keep at most this many events for the request (the rest are counted as dropped)."""
-
-    @classmethod
-    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestOptions:
-        """Parse the ``sinkguard_*`` keys of ``extra_args``; ConfigError names a bad key."""
-        fields: dict[str, Any] = {}
-        for key, value in (extra_args or {}).items():
-            if key.startswith(REQUEST_OPTION_PREFIX):
-                fields[key[len(REQUEST_OPTION_PREFIX):]] = value
-        try:
-            return cls.model_validate(fields)
-        except pydantic.ValidationError as exc:
-            problems = describe_validation_error(exc, prefix=f"vllm_xargs.{REQUEST_OPTION_PREFIX}")
-            raise ConfigError(f"invalid sinkguard request option: {problems}") from None
-
-
-class ServeConfig(_Strict):
+class ServeConfig(StrictModel):
     """Settings of the vLLM plugin, read once per process from ``$SINKGUARD_CONFIG`` (JSON)."""
 
     profile: str

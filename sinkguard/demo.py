@@ -18,10 +18,10 @@ from rich.table import Table
 
 
 def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: bool = True) -> None:
-    from sinkguard.calibrate import choose_detector, profile_from_scan
+    from sinkguard.calibration import choose_detector, profile_from_scan
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.prompts import default_prompts
-    from sinkguard.scan import scan
+    from sinkguard.scanner import scan
     from sinkguard.terminal import print_profile_summary, print_scan_summary
 
     steps = 4 if serve else 3

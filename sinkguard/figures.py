@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from sinkguard.scan import PromptScan, ScanResult
+    from sinkguard.report import PromptScan, ScanResult
 
 PRIMARY_COLOR = "#1f3b73"
 SECONDARY_COLOR = "#d1495b"

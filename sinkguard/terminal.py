@@ -12,7 +12,7 @@ if TYPE_CHECKING:
     from sinkguard.config import ConfirmationConfig
     from sinkguard.core.validation import Agreement
     from sinkguard.profile import SinkProfile
-    from sinkguard.scan import ScanResult
+    from sinkguard.report import ScanResult
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

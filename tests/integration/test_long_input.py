@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from sinkguard.prompts import _builtin_documents
-from sinkguard.scan import scan_prompt
+from sinkguard.scanner import scan_prompt
 
 
 @pytest.mark.slow

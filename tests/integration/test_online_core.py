@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from sinkguard.core.online import RequestTracker, StepDetector
+from sinkguard.core.online import StepDetector
+from sinkguard.serving.records import RequestTracker
 
 
 def planted_step(profile, tokens: int = 6, seed: int = 0):

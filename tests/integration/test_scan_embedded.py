@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from sinkguard.config import AttentionConfig, DetectorConfig, ScanConfig
-from sinkguard.scan import scan, scan_prompt
+from sinkguard.scanner import scan, scan_prompt
 
 
 def secondary_events(result):

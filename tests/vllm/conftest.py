@@ -19,7 +19,7 @@ MAX_TOKENS = 24
 
 @pytest.fixture(scope="session")
 def served_profile():
-    from sinkguard.calibrate import profile_for_model
+    from sinkguard.calibration import profile_for_model
 
     return profile_for_model(None)
 

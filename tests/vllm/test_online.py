@@ -10,7 +10,7 @@ import pytest
 
 from sinkguard.config import ScanConfig
 from sinkguard.engines.vllm.server import http_json
-from sinkguard.scan import scan_prompt
+from sinkguard.scanner import scan_prompt
 
 
 def complete(server, prompt: list[int], max_tokens: int = 24, **extra) -> tuple[int, dict]:

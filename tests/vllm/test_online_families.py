@@ -9,7 +9,7 @@ import pytest
 from sinkguard.config import ConfirmationConfig, ScanConfig, ServeConfig
 from sinkguard.core.detection import SinkEvent
 from sinkguard.core.validation import Agreement, agreement, confirmed_sinks
-from sinkguard.scan import scan_prompt
+from sinkguard.scanner import scan_prompt
 
 FAMILIES = ("default", "gemma3-270m")
 MAX_TOKENS = 8
@@ -32,7 +32,7 @@ def family_run(name: str, tmp_path_factory) -> dict:
     """The family's model, cached calibrated profile, held-out prompts and one offline vLLM run (once)."""
     if name in _RUNS:
         return _RUNS[name]
-    from sinkguard.calibrate import profile_for_model
+    from sinkguard.calibration import profile_for_model
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.engines.vllm.offline import generate
     from sinkguard.prompts import held_out_prompts

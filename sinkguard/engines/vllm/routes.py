@@ -19,8 +19,8 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from sinkguard.config import RequestOptions
 from sinkguard.errors import ConfigError
+from sinkguard.serving.options import RequestOptions
 
 VALIDATED_PATHS = ("/v1/completions", "/v1/chat/completions")
 

@@ -32,9 +32,10 @@ import torch
 from sinkguard.architectures import contract_for_config, decoder_layers
 from sinkguard.config import ServeConfig
 from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
-from sinkguard.core.online import RequestTracker, StepDetector
+from sinkguard.core.online import StepDetector
 from sinkguard.errors import ConfigError
 from sinkguard.profile import SinkProfile
+from sinkguard.serving.records import RequestTracker
 
 logger = logging.getLogger("sinkguard")
 

@@ -26,7 +26,8 @@ from sinkguard.core.detector_search import SearchResult, TraceArrays, search_det
 from sinkguard.errors import InputError
 from sinkguard.profile import FormingLayer, SinkProfile, new_meta
 from sinkguard.prompts import Prompt
-from sinkguard.scan import ScanResult, redetect, scan
+from sinkguard.report import ScanResult
+from sinkguard.scanner import redetect, scan
 
 logger = logging.getLogger("sinkguard")
 
