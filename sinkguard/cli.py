@@ -177,11 +177,13 @@ def serve(
     """Start vLLM's OpenAI-compatible server with online sink detection.
 
     Arguments after the options go to vLLM unchanged (e.g. --max-model-len 2048,
-    --tensor-parallel-size 2). sinkguard adds --enforce-eager and --no-enable-prefix-caching.
+    --tensor-parallel-size 2). sinkguard adds --enforce-eager, --no-enable-prefix-caching and
+    --no-async-scheduling. SIGTERM / SIGINT / SIGHUP stop the whole server; after start-up every
+    worker must report the detector installed, or the server is stopped (exit status 2).
     """
     from sinkguard.calibration import profile_for_model
     from sinkguard.config import ServeConfig, load_serve_config
-    from sinkguard.engines.vllm.server import RunningServer, prepare_launch
+    from sinkguard.engines.vllm.server import prepare_launch, serve_forever
     from sinkguard.models import resolve_model
 
     resolved = resolve_model(model)
@@ -191,15 +193,10 @@ def serve(
     launch = prepare_launch(resolved.path, settings, resolved.name, host=host, port=port, extra_args=list(ctx.args))
     console.print(f"serving {resolved.name} with sinkguard (profile {profile_path}) at {launch.base_url}; "
                   f"log: {launch.workdir / 'server.log'}")
-    server = RunningServer(launch)
-    try:
-        server.wait_ready()
-        console.print("ready: POST /v1/completions, GET /sinkguard/requests/<response id>, GET /metrics")
-        server.process.wait()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.stop()
+    status = serve_forever(launch, on_ready=lambda: console.print(
+        "ready (detector installed in every worker): POST /v1/completions, GET /sinkguard/requests/<response id>, "
+        "GET /sinkguard/status, GET /metrics", soft_wrap=True))
+    raise typer.Exit(status)
 
 
 @app.command()

@@ -184,6 +184,15 @@ def validate_config(model: type[StrictModel], data: Any) -> Any:
         raise ConfigError(f"invalid {model.__name__}: {describe_validation_error(exc)}") from None
 
 
+class FaultInjection(StrictModel):
+    """Chaos testing of the fail-open path: raise inside the detector on purpose."""
+
+    stage: Literal["step_start", "layer", "step_end"] = "layer"
+    """Where: before the first layer, after a layer's forward, or in the end-of-step detection."""
+    every_steps: int = Field(1, ge=1)
+    """On every n-th engine step."""
+
+
 class ServeConfig(StrictModel):
     """Settings of the vLLM plugin, read once per process from ``$SINKGUARD_CONFIG`` (JSON)."""
 
@@ -193,6 +202,10 @@ class ServeConfig(StrictModel):
     """Install the detector (False keeps the plugin inert, e.g. to measure its absence)."""
     max_finished_requests: int = Field(4096, ge=1)
     """Finished requests whose events stay available for lookup (oldest dropped first)."""
+    record_store_bytes: int = Field(64 << 20, ge=4096)
+    """Memory budget of the finished-request store in the engine process (oldest dropped first)."""
+    record_ttl_seconds: float = Field(3600.0, gt=0)
+    """A finished request's record is dropped this long after it finished."""
     max_events_per_request: int = Field(1024, ge=1)
     """Upper bound on a request's ``sinkguard_max_events``."""
     metrics: bool = True
@@ -203,6 +216,17 @@ class ServeConfig(StrictModel):
     """Serve with a profile whose detector did not reach the agreement targets with attention
     (status ``below_target``) or was never checked (``unvalidated``, calibrated without attention).
     Off by default: such a detector may flag ordinary tokens, and interventions would edit them."""
+    fail_closed: bool = False
+    """On a detector fault, fail the engine step (vLLM then fails its requests) instead of serving
+    it unobserved. Off by default: the server must survive its observer."""
+    fault_limit: int = Field(3, ge=1)
+    """Detector faults after which the detector removes itself (fail-open mode)."""
+    fault_injection: FaultInjection | None = None
+    """Testing only: raise inside the detector on purpose (see ``sinkguard.serving.faults``)."""
+    reverify_every_steps: int = Field(1024, ge=1)
+    """Re-check zero-copy activation capture against a copy every this many small steps."""
+    prefill_chunk_tokens: int = Field(2048, ge=16)
+    """Large steps are reduced this many tokens at a time, bounding the detector's transient memory."""
 
 
 def load_serve_config(path: Path | str) -> ServeConfig:

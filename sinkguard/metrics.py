@@ -26,6 +26,10 @@ class SinkMetrics:
         self.requests_finished = Counter(
             "sinkguard:requests_finished", "Requests whose sink record was closed.", ["model_name"],
         )
+        self.faults = Counter(
+            "sinkguard:faults", "Detector faults by stage; each faulted step was served unobserved (fail-open).",
+            ["model_name", "stage"],
+        )
         self.detector_seconds = Histogram(
             "sinkguard:detector_seconds", "Detector time per engine step (hooks + detection).",
             ["model_name"], buckets=(1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 1.0),

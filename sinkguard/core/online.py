@@ -22,7 +22,13 @@ import torch
 
 from sinkguard.config import DetectorConfig
 from sinkguard.core.detection import SinkEvent, detect_columns
-from sinkguard.core.trace import LayerStatistics, layer_statistics, pair_statistics, stack_layers, unit_rows
+from sinkguard.core.trace import (
+    LayerStatistics,
+    chunked_layer_statistics,
+    pair_statistics,
+    stack_layers,
+    unit_rows,
+)
 from sinkguard.profile import SinkProfile
 
 logger = logging.getLogger("sinkguard")
@@ -38,16 +44,21 @@ class StepDetector:
     - small steps (decode; up to ``buffer_tokens`` tokens) keep *references* to each layer's MLP
       output and residual, no op at all, and reduce all layers at once at the end. This is only
       right if the engine never overwrites a layer's outputs in place later in the step (vLLM's
-      GPU fused add+RMSNorm does exactly that), so the first ``verify_steps`` small steps also
-      copy the activations and compare; any difference, or two layers' outputs sharing memory
-      later on, switches to copying for good;
+      GPU fused add+RMSNorm does exactly that), so the first ``verify_steps`` small steps, and one
+      in every ``reverify_every`` after them, also copy the activations and compare (an engine
+      may change kernels mid-run, e.g. per batch size); any difference, or two layers' outputs
+      sharing memory, switches to copying for good;
     - in copy mode each layer's activations go side by side into a persistent
       ``[L, buffer_tokens, 2d]`` buffer with one ``torch.cat``;
-    - large steps (prefill) reduce each layer as it comes, so memory stays O(tokens x d).
+    - large steps (prefill) reduce each layer as it comes, ``chunk_tokens`` tokens at a time, so
+      the transient memory stays ``chunk_tokens x d`` floats.
+
+    :meth:`allocate` creates the persistent buffer up front (an engine sizes its KV cache after
+    the model loads, and must see this memory then).
     """
 
     def __init__(self, profile: SinkProfile, config: DetectorConfig | None = None, buffer_tokens: int = 256,
-                 verify_steps: int = 8) -> None:
+                 verify_steps: int = 8, reverify_every: int = 1024, chunk_tokens: int = 2048) -> None:
         self.config = config or profile.meta.detector
         self.num_layers = profile.model.num_layers
         self.references = profile.reference_hidden_tensor()  # [L, d] unit rows
@@ -59,6 +70,10 @@ class StepDetector:
         self.buffer_tokens = buffer_tokens
         self.zero_copy = True  # until the engine is seen to overwrite layer outputs in place
         self.verify_steps = verify_steps
+        self.reverify_every = reverify_every
+        self.chunk_tokens = chunk_tokens
+        self.verifications = 0  # small steps whose zero-copy capture was compared with a copy
+        self._small_steps = 0
         self.unscanned_steps = 0  # steps whose activations could not be trusted (reported, not guessed)
         self._tokens = 0
         self._observed = 0
@@ -83,14 +98,32 @@ class StepDetector:
             self._reference_columns_on[device] = self._reference(device).transpose(1, 2).contiguous()
         return self._reference_columns_on[device]  # [L, d, 1]
 
+    def allocate(self, device: torch.device | str) -> int:
+        """Create the persistent buffer on ``device`` now; returns its size in bytes."""
+        self._buffer_slots(1, torch.device(device))
+        return self.buffer_bytes
+
+    @property
+    def buffer_bytes(self) -> int:
+        return 0 if self._buffer is None else self._buffer.numel() * self._buffer.element_size()
+
     def start(self, num_tokens: int, device: torch.device | str = "cpu") -> None:
         """Begin a step of ``num_tokens`` tokens whose activations live on ``device``."""
         self._tokens = num_tokens
         self._observed = 0
         self._small = num_tokens <= self.buffer_tokens
-        self._copying = self._small and (not self.zero_copy or self.verify_steps > 0)
+        if self._small:
+            self._small_steps += 1
+        verify = self.verify_steps > 0 or self._small_steps % self.reverify_every == 0
+        self._copying = self._small and (not self.zero_copy or verify)
         if self._copying:
             self._slots = self._buffer_slots(num_tokens, torch.device(device))
+
+    def abandon(self) -> None:
+        """Drop the current step's captures (after a fault): the next :meth:`start` begins clean."""
+        self._captured = [None] * (2 * self.num_layers)
+        self._layers = [None] * self.num_layers
+        self._observed = 0
 
     def _buffer_slots(self, num_tokens: int, device: torch.device) -> list[torch.Tensor]:
         # Views are cached per step size: decode steps repeat the same few sizes, and slicing 30
@@ -119,8 +152,8 @@ class StepDetector:
             if self._copying:
                 torch.cat((mlp_out, residual), dim=-1, out=self._slots[layer])
         else:
-            self._layers[layer] = layer_statistics(mlp_out + residual, mlp_out, self._reference(mlp_out.device)[layer],
-                                                   unit_references=True)
+            self._layers[layer] = chunked_layer_statistics(residual, mlp_out, self._reference(mlp_out.device)[layer],
+                                                           self.chunk_tokens)
         self._observed += 1
 
     def _small_step_pair(self) -> torch.Tensor | None:
@@ -138,7 +171,8 @@ class StepDetector:
             return referenced  # None after a failed check: the step goes unscanned
         copied = self._buffer[:, :n].view(num_layers, n, 2, d).transpose(1, 2).contiguous()
         if referenced is not None:
-            self.verify_steps -= 1
+            self.verify_steps = max(self.verify_steps - 1, 0)
+            self.verifications += 1
             if not torch.equal(referenced, copied):
                 self._stop_zero_copy("a layer's outputs changed after the layer returned")
         return copied

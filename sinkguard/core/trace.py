@@ -56,6 +56,24 @@ def layer_statistics(
     )
 
 
+def chunked_layer_statistics(
+    residual: torch.Tensor, mlp_out: torch.Tensor, unit_references: torch.Tensor, chunk_tokens: int
+) -> LayerStatistics:
+    """:func:`layer_statistics` of ``residual + mlp_out`` computed ``chunk_tokens`` rows at a time, so
+    the float32 temporaries stay ``chunk_tokens x d`` however many tokens a step carries."""
+    parts = [layer_statistics(residual[i:i + chunk_tokens] + mlp_out[i:i + chunk_tokens], mlp_out[i:i + chunk_tokens],
+                              unit_references, unit_references=True)
+             for i in range(0, max(int(mlp_out.shape[0]), 1), chunk_tokens)]
+    if len(parts) == 1:
+        return parts[0]
+    return LayerStatistics(
+        hidden_norm=torch.cat([q.hidden_norm for q in parts]),
+        hidden_dot=torch.cat([q.hidden_dot for q in parts], dim=-1),
+        mlp_norm=torch.cat([q.mlp_norm for q in parts]),
+        mlp_dot=torch.cat([q.mlp_dot for q in parts], dim=-1),
+    )
+
+
 @dataclass
 class SequenceTrace:
     """Everything recorded for one sequence, stacked over layers (numpy, float32).

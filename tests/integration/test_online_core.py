@@ -27,10 +27,11 @@ def planted_step(profile, tokens: int = 6, seed: int = 0):
     return residual, mlp
 
 
-@pytest.mark.parametrize("buffer_tokens", [0, 256])
-def test_step_detector_finds_planted_sink(profile, buffer_tokens):
+@pytest.mark.parametrize("buffer_tokens,chunk_tokens", [(0, 2048), (0, 4), (256, 2048)])
+def test_step_detector_finds_planted_sink(profile, buffer_tokens, chunk_tokens):
     residual, mlp = planted_step(profile)
-    events = run_step(StepDetector(profile, buffer_tokens=buffer_tokens), residual, mlp, np.arange(100, 106))
+    detector = StepDetector(profile, buffer_tokens=buffer_tokens, chunk_tokens=chunk_tokens)
+    events = run_step(detector, residual, mlp, np.arange(100, 106))
     assert [(c, e.position, e.birth_layer, e.lifetime, e.kind, e.forming_layer) for c, e in events] == [
         (3, 103, 2, 7, "secondary", 2)]
     assert events[0][1].mlp_cos == pytest.approx(1.0, abs=1e-5)
@@ -120,12 +121,39 @@ def test_incomplete_step_reports_nothing(profile):
 
 def test_tracker_is_bounded_and_retires_finished_requests():
     tracker = RequestTracker(max_finished=2)
-    for request in ("a-1", "b-1", "c-1"):
+    for request in ("a-1a2b3c4d", "b-1a2b3c4d", "c-1a2b3c4d"):
         tracker.get(request, {"sinkguard_max_events": 3}, prompt_tokens=5)
-    tracker.retire_missing({"c-1"})
-    assert set(tracker.live) == {"c-1"} and set(tracker.finished) == {"a-1", "b-1"}
+    tracker.retire_missing({"c-1a2b3c4d"})
+    assert set(tracker.live) == {"c-1a2b3c4d"} and set(tracker.finished) == {"a-1a2b3c4d", "b-1a2b3c4d"}
     tracker.retire_missing(set())
-    assert set(tracker.finished) == {"b-1", "c-1"}  # oldest dropped
-    assert tracker.lookup("c")[0]["request_id"] == "c-1" and tracker.lookup("a") == []
+    assert set(tracker.finished) == {"b-1a2b3c4d", "c-1a2b3c4d"}  # oldest dropped
+    assert tracker.lookup("c")[0]["request_id"] == "c-1a2b3c4d" and tracker.lookup("a") == []
     # an invalid option never fails the worker: defaults apply
     assert tracker.get("d-1", {"sinkguard_max_events": "x"}, 1).options.max_events == 256
+
+
+def test_zero_copy_capture_is_reverified_periodically(profile):
+    """An engine that starts overwriting layer outputs in place long after start-up is caught."""
+    residual, mlp = planted_step(profile)
+    detector = StepDetector(profile, verify_steps=2, reverify_every=5)
+    for _ in range(6):
+        assert [(c, e.birth_layer) for c, e in run_step(detector, residual, mlp)] == [(3, 2)]
+    assert detector.zero_copy and detector.verifications == 3  # steps 1, 2 and 5
+    # from now on each layer's MLP output is overwritten after the layer returned (fused add+norm style)
+    for small_step in range(7, 12):
+        mlp_now = mlp.clone()
+        detector.start(6)
+        for layer in range(profile.model.num_layers):
+            detector.observe(layer, mlp_now[layer], residual[layer])
+        mlp_now.mul_(0.5)
+        detector.finish(np.arange(6))
+        if not detector.zero_copy:
+            break
+    assert not detector.zero_copy and small_step == 10  # the next periodic check saw it
+
+
+def test_detector_buffer_is_allocated_up_front(profile):
+    detector = StepDetector(profile)
+    assert detector.buffer_bytes == 0
+    size = detector.allocate("cpu")
+    assert size == profile.model.num_layers * 256 * 2 * profile.model.hidden_size * 4 == detector.buffer_bytes

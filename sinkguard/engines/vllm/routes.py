@@ -2,18 +2,31 @@
 
 Opt-in like every endpoint plugin (``VLLM_PLUGINS`` must name ``sinkguard``). Adds
 
-- ``GET /sinkguard/requests/{request_id}``: the sink events of a request, looked up by the
-  ``id`` of its response (``cmpl-...`` / ``chatcmpl-...``) or by the ``X-Request-Id`` the client
-  sent. Served from the workers through ``collective_rpc("sinkguard_lookup")``; token texts are
-  decoded here, where the tokenizer lives.
-- ``GET /sinkguard/status``: whether the detector is installed in the workers.
-- a request-validation middleware: an invalid ``vllm_xargs.sinkguard_*`` option gets HTTP 400
-  naming the option before the request reaches the engine, which keeps serving everyone else.
+- ``GET /sinkguard/requests/{request_id}?offset=&limit=``: the sink record of a request, looked
+  up by the exact ``id`` of its response (``cmpl-...`` / ``chatcmpl-...``) or by the
+  ``X-Request-Id`` the client sent (see :mod:`sinkguard.serving.records` for the grammar); events
+  are paged (at most :data:`MAX_PAGE_EVENTS` per response). Token texts are decoded here with the
+  engine's own tokenizer.
+- ``GET /sinkguard/status`` and ``POST /sinkguard/detection`` (``{"enabled": bool}``): the
+  detector's state in every worker, and the operator's switch (removes or reinstalls the layer
+  observers at run time).
+- a request-validation middleware: an invalid ``vllm_xargs.sinkguard_*`` option in the JSON body
+  of *any* POST (completions, chat, responses, messages, whatever vLLM adds; under any
+  ``--root-path``) gets HTTP 400 naming the option before the request reaches the engine, which
+  keeps serving everyone else.
+
+Access: vLLM's ``--api-key`` (or ``VLLM_API_KEY``) guards only ``/v1``-style prefixes, so these
+routes check it themselves, the same way (``Authorization: Bearer``, constant-time compare). With
+``SINKGUARD_ADMIN_TOKEN`` set, status and the switch need that token instead, and record lookups
+accept either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
+import secrets
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
@@ -22,12 +35,55 @@ from fastapi.responses import JSONResponse
 from sinkguard.errors import ConfigError
 from sinkguard.serving.options import RequestOptions
 
-VALIDATED_PATHS = ("/v1/completions", "/v1/chat/completions")
+ADMIN_TOKEN_ENV = "SINKGUARD_ADMIN_TOKEN"
+DEFAULT_PAGE_EVENTS = 256
+MAX_PAGE_EVENTS = 1024
+MAX_VALIDATED_BODY = 64 << 20  # JSON bodies larger than this are left to vLLM's own limits
 
 
 def _error(message: str, status: int) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": "BadRequestError", "param": None, "code": status}},
+    kind = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError"}.get(status, "ServerError")
+    return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
                         status_code=status)
+
+
+def _digests(tokens: list[str | None]) -> list[bytes]:
+    return [hashlib.sha256(t.encode()).digest() for t in tokens if t]
+
+
+class Access:
+    """Bearer-token checks (vLLM's AuthenticationMiddleware semantics) for sinkguard's routes."""
+
+    def __init__(self, api_keys: list[str | None], admin_token: str | None) -> None:
+        self.api_keys = _digests(api_keys)
+        self.admin = _digests([admin_token])
+
+    @staticmethod
+    def _matches(request: Request, digests: list[bytes]) -> bool:
+        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() != "bearer":
+            return False
+        digest = hashlib.sha256(token.encode()).digest()
+        found = False
+        for expected in digests:  # no early exit: constant time in the number of keys
+            found |= secrets.compare_digest(digest, expected)
+        return found
+
+    def may_read_records(self, request: Request) -> bool:
+        if not self.api_keys and not self.admin:
+            return True
+        return self._matches(request, self.api_keys + self.admin)
+
+    def may_administer(self, request: Request) -> bool:
+        digests = self.admin or self.api_keys
+        return not digests or self._matches(request, digests)
+
+
+def _is_json(scope: dict) -> bool:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-type":
+            return value.split(b";")[0].strip().lower() == b"application/json"
+    return False
 
 
 class RequestOptionsMiddleware:
@@ -37,17 +93,19 @@ class RequestOptionsMiddleware:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") != "POST" or scope.get("path") not in VALIDATED_PATHS:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not _is_json(scope):
             await self.app(scope, receive, send)
             return
-        chunks = []
+        chunks, size = [], 0
         while True:
             message = await receive()
-            chunks.append(message.get("body", b""))
+            chunk = message.get("body", b"")
+            chunks.append(chunk)
+            size += len(chunk)
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        problem = _validate(body)
+        problem = _validate(body) if size <= MAX_VALIDATED_BODY else None
         if problem is not None:
             await _error(problem, 400)(scope, receive, send)
             return
@@ -64,6 +122,8 @@ class RequestOptionsMiddleware:
 
 
 def _validate(body: bytes) -> str | None:
+    if b"vllm_xargs" not in body:  # cheap pre-check: most requests carry none
+        return None
     try:
         payload = json.loads(body or b"{}")
     except (json.JSONDecodeError, UnicodeDecodeError):
@@ -78,6 +138,18 @@ def _validate(body: bytes) -> str | None:
     return None
 
 
+def _page(value: str | None, default: int, low: int, high: int, name: str) -> int:
+    if value is None:
+        return default
+    try:
+        number = int(value)
+    except ValueError:
+        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+    if not low <= number <= high:
+        raise ConfigError(f"{name} must be in [{low}, {high}], got {number}")
+    return number
+
+
 class SinkguardEndpoints:
     """The endpoint plugin object (``EndpointPlugin`` protocol)."""
 
@@ -86,42 +158,68 @@ class SinkguardEndpoints:
 
     def __init__(self) -> None:
         self.engine_client: Any = None
-        self.tokenizer: Any = None
+        self.access = Access([], None)
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter(prefix="/sinkguard", tags=["sinkguard"])
         router.add_api_route("/requests/{request_id}", self.get_request, methods=["GET"])
         router.add_api_route("/status", self.get_status, methods=["GET"])
+        router.add_api_route("/detection", self.set_detection, methods=["POST"])
         app.include_router(router)
         app.add_middleware(RequestOptionsMiddleware)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         self.engine_client = engine_client
-        source = getattr(args, "tokenizer", None) or getattr(args, "model", None)
-        if engine_client is not None and source and not getattr(args, "skip_tokenizer_init", False):
-            from transformers import AutoTokenizer
+        api_keys = list(getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")])
+        self.access = Access(api_keys, os.environ.get(ADMIN_TOKEN_ENV))
 
-            try:
-                self.tokenizer = AutoTokenizer.from_pretrained(source)
-            except Exception:  # events still carry token ids
-                self.tokenizer = None
+    def _tokenizer(self) -> Any:
+        try:  # the engine's own (tokenizer mode, revision, trust_remote_code as configured); None if skipped
+            return self.engine_client.tokenizer
+        except Exception:
+            return None
 
     async def get_request(self, request_id: str, request: Request) -> JSONResponse:
+        if not self.access.may_read_records(request):
+            return _error("Unauthorized", 401)
         if self.engine_client is None:
             return _error("sinkguard: no engine behind this server", 503)
-        per_worker = await self.engine_client.collective_rpc("sinkguard_lookup", args=(request_id,))
+        try:
+            offset = _page(request.query_params.get("offset"), 0, 0, 1 << 31, "offset")
+            limit = _page(request.query_params.get("limit"), DEFAULT_PAGE_EVENTS, 1, MAX_PAGE_EVENTS, "limit")
+        except ConfigError as exc:
+            return _error(str(exc), 400)
+        per_worker = await self.engine_client.collective_rpc("sinkguard_lookup", args=(request_id, offset, limit))
         records = next((r for r in per_worker if r), [])
         if not records:
-            return _error(f"sinkguard: no record of request {request_id!r} (unknown, or evicted from the "
-                          "bounded store of finished requests)", 404)
+            return _error(f"sinkguard: no record of request {request_id!r} (ids match exactly; unknown, or "
+                          "evicted from the bounded store of finished requests)", 404)
+        tokenizer = self._tokenizer()
         for record in records:
             for event in record["events"]:
-                if self.tokenizer is not None and event.get("token_id") is not None:
-                    event["token"] = self.tokenizer.decode([event["token_id"]])
+                if tokenizer is not None and event.get("token_id") is not None:
+                    event["token"] = tokenizer.decode([event["token_id"]])
         return JSONResponse({"request_id": request_id, "requests": records})
 
-    async def get_status(self) -> JSONResponse:
+    async def get_status(self, request: Request) -> JSONResponse:
+        if not self.access.may_administer(request):
+            return _error("Unauthorized", 401)
         if self.engine_client is None:
-            return JSONResponse({"enabled": False})
+            return JSONResponse({"enabled": False, "workers": []})
         per_worker = await self.engine_client.collective_rpc("sinkguard_status")
-        return JSONResponse({"workers": per_worker})
+        return JSONResponse({"enabled": bool(per_worker) and all(w.get("enabled") for w in per_worker),
+                             "workers": per_worker})
+
+    async def set_detection(self, request: Request) -> JSONResponse:
+        if not self.access.may_administer(request):
+            return _error("Unauthorized", 401)
+        try:
+            enabled = (await request.json())["enabled"]
+            if not isinstance(enabled, bool):
+                raise TypeError
+        except Exception:
+            return _error('body must be {"enabled": true|false}', 400)
+        if self.engine_client is None:
+            return _error("sinkguard: no engine behind this server", 503)
+        per_worker = await self.engine_client.collective_rpc("sinkguard_set_detection", args=(enabled,))
+        return JSONResponse({"enabled": bool(per_worker) and all(per_worker), "workers": per_worker})

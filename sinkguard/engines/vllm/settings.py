@@ -1,0 +1,85 @@
+"""Engine settings under which sinkguard's records would be silently wrong, refused at start-up.
+
+Each rule names the vLLM 0.32 setting, why it breaks the observer, and what to set instead. The
+check runs in every worker before the weights load (``plugin.py``), against the worker's own
+``VllmConfig``, so it sees the settings vLLM actually resolved (defaults included: async
+scheduling and the V2 model runner are on by default on GPU), not only the flags a user typed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from sinkguard.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Refusal:
+    setting: str
+    applies: Callable[[Any], bool]
+    why: str
+    fix: str
+
+
+def _kv_connector(config: Any) -> str | None:
+    transfer = getattr(config, "kv_transfer_config", None)
+    return getattr(transfer, "kv_connector", None) if transfer is not None else None
+
+
+REFUSALS: tuple[Refusal, ...] = (
+    Refusal("compiled mode (enforce_eager=False)",
+            lambda c: not getattr(c.model_config, "enforce_eager", False),
+            "sinkguard needs vLLM in eager mode: its detector runs as Python code between decoder layers, which "
+            "does not run inside torch.compile graphs or CUDA graphs (detection would silently stop)",
+            "start vLLM with --enforce-eager (`sinkguard serve` sets it)"),
+    Refusal("prefix caching", lambda c: bool(getattr(c.cache_config, "enable_prefix_caching", False)),
+            "sinkguard cannot run with prefix caching: tokens served from the prefix cache skip the forward pass, "
+            "so sinks among them would go undetected",
+            "start vLLM with --no-enable-prefix-caching (`sinkguard serve` sets it)"),
+    Refusal("the V2 model runner", lambda c: bool(getattr(c, "use_v2_model_runner", False)),
+            "sinkguard observes vLLM's V1 model runner (its input batch and request states); vLLM 0.32 uses the V2 "
+            "runner by default where Triton is available, and sinkguard does not observe it yet",
+            "set VLLM_USE_V2_MODEL_RUNNER=0 in the server's environment (`sinkguard serve` sets it)"),
+    Refusal("async scheduling", lambda c: bool(getattr(c.scheduler_config, "async_scheduling", False)),
+            "with async scheduling the next step's decode token ids exist only on the device when the step runs, "
+            "so recorded token ids would be stale",
+            "start vLLM with --no-async-scheduling (`sinkguard serve` sets it)"),
+    Refusal("speculative decoding", lambda c: getattr(c, "speculative_config", None) is not None,
+            "draft tokens run through the target model and are rejected afterwards; the detector would record "
+            "sinks in tokens the request never generated",
+            "remove --speculative-config"),
+    Refusal("KV connectors and KV offloading", lambda c: _kv_connector(c) is not None,
+            "tokens whose KV cache arrives through a connector (disaggregated prefill, LMCache, CPU offloading) "
+            "skip the forward pass, like prefix-cache hits, so their sinks would go undetected",
+            "remove --kv-transfer-config / --kv-offloading-size"),
+    Refusal("data parallelism", lambda c: c.parallel_config.data_parallel_size > 1,
+            "each data-parallel engine keeps its own records, and a lookup reaches only one of them",
+            "run one sinkguard server per replica behind your router (--data-parallel-size 1); tensor parallelism "
+            "is supported"),
+    Refusal("micro-batching", lambda c: bool(getattr(c.parallel_config, "use_ubatching", False)),
+            "micro-batched steps (dual-batch overlap) split a step's tokens across interleaved forward passes",
+            "remove --enable-dbo / --ubatch-size"),
+    Refusal("pipeline parallelism", lambda c: c.parallel_config.pipeline_parallel_size > 1,
+            "a pipeline stage sees only its own layers, and the detector reads all of them",
+            "set --pipeline-parallel-size 1 (tensor parallelism is supported)"),
+    Refusal("LoRA adapters", lambda c: getattr(c, "lora_config", None) is not None,
+            "a request served with a LoRA adapter runs other weights than the ones the sink profile was calibrated "
+            "on (a merged LoRA is checked by the weight fingerprint; per-request adapters are not)",
+            "remove --enable-lora, or merge the adapter and calibrate a profile for the merged model"),
+)
+
+
+def refused_settings(vllm_config: Any) -> list[Refusal]:
+    """The rules ``vllm_config`` breaks."""
+    return [rule for rule in REFUSALS if rule.applies(vllm_config)]
+
+
+def check_engine_settings(vllm_config: Any) -> None:
+    """Raise :class:`ConfigError` naming every setting that would make sinkguard's records wrong."""
+    broken = refused_settings(vllm_config)
+    if broken:
+        raise ConfigError("sinkguard cannot observe this engine: " + "; ".join(
+            f"[{rule.setting}] {rule.why}: {rule.fix}" for rule in broken
+        ) + ". Or disable sinkguard (unset SINKGUARD_CONFIG).")
