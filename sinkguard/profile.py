@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from sinkguard.core.fingerprint import ModelInfo
 from sinkguard.errors import ProfileError
 
 PROFILE_SCHEMA = "sinkguard.profile"
-PROFILE_SCHEMA_VERSION = 2
+PROFILE_SCHEMA_VERSION = 3
 META_FILE = "profile.json"
 TENSOR_FILE = "profile.safetensors"
+logger = logging.getLogger("sinkguard")
 
 
 class FormingLayer(BaseModel):
@@ -92,13 +94,15 @@ class SinkProfile:
         return ModelInfo(**self.meta.model)
 
     def check_model(self, info: ModelInfo) -> None:
-        """Refuse a model that is not the one this profile was calibrated on."""
-        reason = self.model.mismatch(info)
-        if reason is not None:
+        """Refuse a model that is not the one this profile was calibrated on (the same weights at
+        another precision pass; see :func:`sinkguard.core.fingerprint.compare_identity`)."""
+        check = self.model.identity_check(info)
+        if not check.accepted:
             raise ProfileError(
                 f"this sink profile was calibrated on {self.model.name} and does not match model "
-                f"{info.name}: {reason}. Calibrate a profile for this model with `sinkguard calibrate`."
+                f"{info.name}: {check.message}. Calibrate a profile for this model with `sinkguard calibrate`."
             )
+        logger.info("sinkguard: profile matches the model: %s", check.message)
 
     # -- what detectors read ------------------------------------------------------------------
     @property
@@ -151,7 +155,8 @@ class SinkProfile:
         if raw.get("schema_version") != PROFILE_SCHEMA_VERSION:
             raise ProfileError(
                 f"{meta_path} has profile schema version {raw.get('schema_version')}; this sinkguard reads version "
-                f"{PROFILE_SCHEMA_VERSION} (version 2 adds the attention-validated detector choice). Recalibrate: "
+                f"{PROFILE_SCHEMA_VERSION} (version 3 identifies the weights by norms and a projection sample at each "
+                "precision, version 2 added the attention-validated detector choice). Recalibrate: "
                 "`sinkguard calibrate --model <model> --out <folder>`")
         try:
             meta = ProfileMeta.model_validate(raw)
@@ -180,6 +185,7 @@ class SinkProfile:
         return {
             "model": self.model.name,
             "fingerprint": self.model.fingerprint[:16],
+            "identity": f"{self.model.weights.coverage}, calibrated on {self.model.weights_dtype} weights",
             "reference_position": self.reference_position,
             "window_layers": self.meta.window_layers,
             "forming_layers": [f.model_dump() for f in self.meta.forming_layers],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from sinkguard.errors import ProfileError
-from sinkguard.profile import SinkProfile
+from sinkguard.profile import PROFILE_SCHEMA_VERSION, SinkProfile
 
 
 def test_profile_contents_on_embedded_model(profile, default_scan):
@@ -71,7 +71,11 @@ def test_corrupt_and_foreign_profiles(tmp_path, profile):
     (folder / "profile.json").write_text(json.dumps(meta))
     with pytest.raises(ProfileError, match=r"version 1; .*Recalibrate: `sinkguard calibrate"):
         SinkProfile.load(folder)
-    meta["schema_version"] = 2
+    meta["schema_version"] = 2  # a profile identified by its norm weights only
+    (folder / "profile.json").write_text(json.dumps(meta))
+    with pytest.raises(ProfileError, match=r"version 2; .*Recalibrate: `sinkguard calibrate"):
+        SinkProfile.load(folder)
+    meta["schema_version"] = PROFILE_SCHEMA_VERSION
     meta["window_layers"] = "all"
     (folder / "profile.json").write_text(json.dumps(meta))
     with pytest.raises(ProfileError, match="window_layers"):

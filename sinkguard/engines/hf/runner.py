@@ -16,7 +16,7 @@ import torch
 
 from sinkguard.architectures import ArchitectureContract, contract_for_config, decoder_layers, mlp_output_module
 from sinkguard.config import AttentionConfig
-from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
+from sinkguard.core.fingerprint import ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.trace import LayerStatistics, SequenceTrace, layer_statistics, stack_layers
 from sinkguard.engines.hf.attention import ATTENTION_IMPLEMENTATION, AttentionRecorder, recording
 from sinkguard.errors import InputError, ModelLoadError
@@ -59,8 +59,8 @@ class HFSinkModel:
         model.eval()
         layers = decoder_layers(model)
         mlp_output_module(layers[0], contract)
-        norms = [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
-        info = model_info_from_config(model.config, type(model).__name__, source.name, norms, len(layers))
+        identity = module_identity(model.named_parameters())  # norms + projection sample, see core.fingerprint
+        info = model_info_from_config(model.config, type(model).__name__, source.name, identity, len(layers))
         return cls(model=model, tokenizer=tokenizer, source=source, info=info, contract=contract)
 
     @property

@@ -65,14 +65,15 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
                           "unset VLLM_USE_V2_MODEL_RUNNER")
     profile = SinkProfile.load(config.profile)
     check_profile_trust(profile, config)
-    info = vllm_model_info(runner.model, vllm_config.model_config.hf_config, profile.model.name)
-    profile.check_model(info)
     try:
         from vllm.distributed import get_tensor_model_parallel_rank
 
         rank = get_tensor_model_parallel_rank()
     except Exception:  # not initialised (single process tests)
         rank = 0
+    info = vllm_model_info(runner.model, vllm_config.model_config.hf_config, profile.model.name,
+                           sample_projections=rank == 0)  # other ranks hold other projection slices
+    profile.check_model(info)
     runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0)
     runtime.install()
     setattr(runner, _RUNTIME_ATTR, runtime)

@@ -31,7 +31,7 @@ import torch
 
 from sinkguard.architectures import contract_for_config, decoder_layers
 from sinkguard.config import ServeConfig
-from sinkguard.core.fingerprint import ModelInfo, model_info_from_config
+from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
 from sinkguard.errors import ConfigError
 from sinkguard.profile import SinkProfile
@@ -60,11 +60,22 @@ def check_engine_settings(vllm_config: Any) -> None:
                           "set --pipeline-parallel-size 1")
 
 
-def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str) -> ModelInfo:
+def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str, sample_projections: bool = True) -> ModelInfo:
+    """The loaded model's identity (see core.fingerprint). ``sample_projections``: True on tensor-parallel
+    rank 0 only; other ranks hold other slices of the projections and are checked on their norms."""
     contract_for_config(hf_config)  # an architecture without a checked contract is refused by name
-    norms = [(n, p) for n, p in model.named_parameters() if n.endswith("norm.weight")]
+    layers = decoder_layers(model)
+    if sample_projections:
+        # The q rows lead each rank's fused qkv_proj and the gate rows its gate_up_proj; with fewer than
+        # SAMPLE_SIZE of them per rank the slice would run into k or up rows, so such a model is not sampled.
+        attn, mlp = getattr(layers[0], "self_attn", None), getattr(layers[0], "mlp", None)
+        for fused in (getattr(attn, "qkv_proj", None), getattr(mlp, "gate_up_proj", None)):
+            sizes = getattr(fused, "output_partition_sizes", None)
+            if fused is not None and (not sizes or sizes[0] < SAMPLE_SIZE):
+                sample_projections = False
+    identity = module_identity(model.named_parameters(), sample_projections=sample_projections)
     architecture = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
-    return model_info_from_config(hf_config, architecture, name, norms, len(decoder_layers(model)))
+    return model_info_from_config(hf_config, architecture, name, identity, len(layers))
 
 
 class VllmSinkRuntime:
