@@ -191,8 +191,7 @@ def serve(
     profile_path, _ = profile_for_model(resolved.path, profile or (settings.profile if settings else None))
     settings = (settings or ServeConfig(profile=str(profile_path))).model_copy(update={"profile": str(profile_path)})
     launch = prepare_launch(resolved.path, settings, resolved.name, host=host, port=port, extra_args=list(ctx.args))
-    console.print(f"serving {resolved.name} with sinkguard (profile {profile_path}) at {launch.base_url}; "
-                  f"log: {launch.workdir / 'server.log'}")
+    console.print(f"serving {resolved.name} with sinkguard (profile {profile_path}) at {launch.base_url}")
     status = serve_forever(launch, on_ready=lambda: console.print(
         "ready (detector installed in every worker): POST /v1/completions, GET /sinkguard/requests/<response id>, "
         "GET /sinkguard/status, GET /metrics", soft_wrap=True))

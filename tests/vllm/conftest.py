@@ -15,6 +15,8 @@ import pytest
 from sinkguard.config import ServeConfig
 
 MAX_TOKENS = 24
+API_KEY = "sk-sinkguard-test"  # the server runs with --api-key, as production servers do
+ADMIN_TOKEN = "admin-sinkguard-test"  # and a separate admin token for sinkguard's status and switch
 
 
 @pytest.fixture(scope="session")
@@ -65,8 +67,11 @@ def server(hf_model, served_profile, plain_outputs, engine_outputs, tmp_path_fac
                             "smol", port=free_port(),
                             # a small token budget per step splits the 97-token prompts into prefill chunks
                             extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32",
-                                        "--max-num-batched-tokens", "64"],
+                                        "--max-num-batched-tokens", "64", "--api-key", API_KEY],
                             workdir=tmp_path_factory.mktemp("serve"))
+    launch.env["SINKGUARD_ADMIN_TOKEN"] = ADMIN_TOKEN
     with RunningServer(launch) as running:
+        running.user_headers = {"Authorization": f"Bearer {API_KEY}"}
+        running.admin_headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         running.wait_ready(timeout=600)
         yield running

@@ -16,13 +16,19 @@ from sinkguard.scanner import scan_prompt
 def complete(server, prompt: list[int], max_tokens: int = 24, **extra) -> tuple[int, dict]:
     payload = {"model": "smol", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
                "return_token_ids": True, **extra}
-    return http_json(server.base_url + "/v1/completions", payload)
+    return http_json(server.base_url + "/v1/completions", payload, headers=server.user_headers)
 
 
-def lookup(server, response_id: str) -> list[dict]:
-    status, body = http_json(server.base_url + f"/sinkguard/requests/{response_id}")
+def lookup(server, response_id: str, query: str = "") -> list[dict]:
+    status, body = http_json(server.base_url + f"/sinkguard/requests/{response_id}{query}", headers=server.user_headers)
     assert status == 200, body
     return body["requests"]
+
+
+def server_status(server) -> dict:
+    status, body = http_json(server.base_url + "/sinkguard/status", headers=server.admin_headers)
+    assert status == 200, body
+    return body
 
 
 def metrics(server) -> dict[str, float]:
@@ -181,7 +187,7 @@ def test_lookup_by_client_request_id_header(server, online_prompts):
 
     request = urllib.request.Request(server.base_url + "/v1/completions", data=json.dumps({
         "model": "smol", "prompt": online_prompts[6], "max_tokens": 2, "temperature": 0.0}).encode(),
-        headers={"Content-Type": "application/json", "X-Request-Id": "client-chosen-42"})
+        headers={"Content-Type": "application/json", "X-Request-Id": "client-chosen-42", **server.user_headers})
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
     records = lookup(server, "client-chosen-42")
@@ -189,7 +195,7 @@ def test_lookup_by_client_request_id_header(server, online_prompts):
 
 
 def test_unknown_request_is_404(server):
-    status, body = http_json(server.base_url + "/sinkguard/requests/cmpl-does-not-exist")
+    status, body = http_json(server.base_url + "/sinkguard/requests/cmpl-does-not-exist", headers=server.user_headers)
     assert status == 404 and "no record" in body["error"]["message"]
 
 
@@ -201,7 +207,7 @@ def test_aborted_request_is_retired(server, online_prompts):
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     connection.request("POST", "/v1/completions", json.dumps({
         "model": "smol", "prompt": online_prompts[4], "max_tokens": 400, "temperature": 0.0, "stream": True,
-        "ignore_eos": True}), {"Content-Type": "application/json"})
+        "ignore_eos": True}), {"Content-Type": "application/json", **server.user_headers})
     response = connection.getresponse()
     first = response.readline().decode()  # first streamed chunk: the request is running
     request_id = json.loads(first.removeprefix("data: "))["id"]
@@ -213,16 +219,14 @@ def test_aborted_request_is_retired(server, online_prompts):
             break
     assert record["finished"]
     assert record["tokens_scanned"]["decode"] < 399  # it did not run to the end
-    status, body = http_json(server.base_url + "/sinkguard/status")
-    assert status == 200 and body["workers"][0]["steps"] > 0
+    assert server_status(server)["workers"][0]["steps"] > 0
 
 
 def test_cpu_engine_keeps_zero_copy_capture(server, online_prompts):
     """vLLM's CPU layers never overwrite their outputs in place, so the verification steps keep the
     zero-copy capture on (the agreement tests above then exercise it), and no step went unscanned."""
     complete(server, online_prompts[6], max_tokens=16)
-    status, body = http_json(server.base_url + "/sinkguard/status")
-    worker = body["workers"][0]
-    assert status == 200 and worker["steps"] > 8  # past the verification steps
+    worker = server_status(server)["workers"][0]
+    assert worker["steps"] > 8  # past the verification steps
     assert worker["zero_copy_capture"] is True
     assert worker["unscanned_steps"] == 0

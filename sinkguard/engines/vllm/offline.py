@@ -6,7 +6,8 @@ sharing state):
 
 PROMPTS.json holds token-id lists. Without SINKGUARD_CONFIG the plugin stays inert (plain vLLM);
 with it, OUT.json also holds each request's sink record (``{"tokens", "records"}``). Float32,
-eager, no prefix caching: the settings the detector needs.
+eager, no prefix caching: the settings the detector needs; ``engine.json`` next to PROMPTS.json,
+if present, adds engine arguments (e.g. a tiny KV cache that forces preemptions).
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from pathlib import Path
 
 
 def generate(model_dir: Path, prompts: list[list[int]], folder: Path, max_tokens: int,
-             serve_config: Path | None = None, timeout: float = 900) -> dict:
+             serve_config: Path | None = None, timeout: float = 900, engine_args: dict | None = None) -> dict:
     """Run this module in a subprocess; returns ``{"tokens": [...], "records": [...]}``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompts.json").write_text(json.dumps(prompts))
+    (folder / "engine.json").write_text(json.dumps(engine_args or {}))
     command = [sys.executable, "-m", __name__, str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
                str(max_tokens)] + ([str(serve_config)] if serve_config else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -41,8 +43,10 @@ def _main(argv: list[str]) -> None:
     from vllm import LLM, SamplingParams
 
     prompts = json.loads(Path(prompts_path).read_text())
-    llm = LLM(model=model_dir, enforce_eager=True, enable_prefix_caching=False, max_model_len=2048, seed=0,
-              dtype="float32")
+    engine_file = Path(prompts_path).with_name("engine.json")
+    engine_args = json.loads(engine_file.read_text()) if engine_file.exists() else {}
+    llm = LLM(model=model_dir, **{"enforce_eager": True, "enable_prefix_caching": False, "max_model_len": 2048,
+                                  "seed": 0, "dtype": "float32", **engine_args})
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
                            SamplingParams(temperature=0.0, max_tokens=int(max_tokens)), use_tqdm=False)
     records = []

@@ -5,10 +5,17 @@ Inert unless ``$SINKGUARD_CONFIG`` names a :class:`~sinkguard.config.ServeConfig
 multi-tenant server that merely has sinkguard installed is unchanged. When enabled it
 
 1. validates the config in every process, so a bad field fails server start-up naming it;
-2. wraps the model runners' ``load_model`` so that, right after the weights load, each worker
-   checks the engine settings and the profile against the loaded weights and installs
-   :class:`~sinkguard.engines.vllm.runtime.VllmSinkRuntime`;
-3. adds the control-plane methods ``sinkguard_lookup`` / ``sinkguard_status`` /
+2. wraps the model runners' ``load_model``: before the weights load, each worker refuses engine
+   settings under which records would be wrong (``settings.py``); right after, it checks the
+   profile against the loaded weights and installs
+   :class:`~sinkguard.engines.vllm.runtime.VllmSinkRuntime`. vLLM 0.32's V2 runners (GPU and
+   CPU) are wrapped only to refuse (the check names what to set);
+3. wraps the workers' ``load_model`` with a post-condition: a worker whose runner loaded a model
+   without the detector being installed (a runner class nobody wrapped, e.g. from an out-of-tree
+   platform) fails start-up naming the class, instead of serving unobserved. A worker class that
+   overrides ``load_model`` itself escapes both wrappers; ``sinkguard serve`` therefore also asks
+   every worker after start-up and stops the server unless all report the detector installed;
+4. adds the control-plane methods ``sinkguard_lookup`` / ``sinkguard_status`` /
    ``sinkguard_set_detection`` to vLLM's worker base class, reached through ``collective_rpc``
    (see ``routes.py``).
 """
@@ -55,14 +62,15 @@ def check_profile_trust(profile: Any, config: ServeConfig) -> None:
 
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
-    from sinkguard.engines.vllm.runtime import VllmSinkRuntime, check_engine_settings, vllm_model_info
+    from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
+    from sinkguard.engines.vllm.settings import check_engine_settings
     from sinkguard.profile import SinkProfile
 
     vllm_config = runner.vllm_config
     check_engine_settings(vllm_config)
     if not (hasattr(runner, "input_batch") and hasattr(runner, "requests")):
-        raise ConfigError(f"sinkguard supports vLLM's v1 model runner, not {type(runner).__name__}: "
-                          "unset VLLM_USE_V2_MODEL_RUNNER")
+        raise ConfigError(f"sinkguard observes vLLM's V1 model runner, not {type(runner).__module__}."
+                          f"{type(runner).__name__}: set VLLM_USE_V2_MODEL_RUNNER=0")
     profile = SinkProfile.load(config.profile)
     check_profile_trust(profile, config)
     try:
@@ -82,15 +90,19 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     return runtime
 
 
-def _wrap_load_model(runner_cls: type, config: ServeConfig) -> None:
-    original = runner_cls.load_model
-    if getattr(original, "_sinkguard_wrapped", False):
+def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
+    """Check the settings before ``runner_cls.load_model`` and, if ``observe``, install the
+    detector after it (a runner sinkguard cannot observe is only checked: the check refuses it)."""
+    original = runner_cls.__dict__.get("load_model")
+    if original is None or getattr(original, "_sinkguard_wrapped", False):
         return
+    from sinkguard.engines.vllm.settings import check_engine_settings
 
     @functools.wraps(original)
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        check_engine_settings(self.vllm_config)  # before minutes of weight loading
         result = original(self, *args, **kwargs)
-        if getattr(self, _RUNTIME_ATTR, None) is None:  # a subclass may call super().load_model
+        if observe and getattr(self, _RUNTIME_ATTR, None) is None:  # a subclass may call super().load_model
             install_runtime(self, config)
         return result
 
@@ -98,21 +110,66 @@ def _wrap_load_model(runner_cls: type, config: ServeConfig) -> None:
     runner_cls.load_model = load_model
 
 
+def _wrap_worker(worker_cls: type) -> None:
+    """Post-condition on ``worker_cls.load_model``: the runner it loaded carries the detector."""
+    original = worker_cls.__dict__.get("load_model")
+    if original is None or getattr(original, "_sinkguard_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        runner = getattr(self, "model_runner", None)
+        if getattr(runner, _RUNTIME_ATTR, None) is None:
+            raise ConfigError(
+                f"sinkguard: the worker's model runner {type(runner).__module__}.{type(runner).__name__} loaded the "
+                "model without sinkguard's detector (a runner class sinkguard does not wrap), so requests would be "
+                "served unobserved. Use vLLM's V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) or disable sinkguard (unset "
+                "SINKGUARD_CONFIG).")
+        return result
+
+    load_model._sinkguard_wrapped = True  # type: ignore[attr-defined]
+    worker_cls.load_model = load_model
+
+
+# (module, class, observed): the runner classes of vLLM 0.32 that load models. V1 runners are
+# observed; V2 runners only checked (the check refuses them by name).
+RUNNER_CLASSES = (
+    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", True),
+    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", True),
+    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", False),
+    ("vllm.v1.worker.cpu.model_runner", "CPUModelRunner", False),
+)
+WORKER_CLASSES = (("vllm.v1.worker.gpu_worker", "Worker"),)  # CPU and XPU workers inherit its load_model
+
+
+def _import_class(module: str, name: str) -> type | None:
+    import importlib
+
+    try:
+        return getattr(importlib.import_module(module), name)
+    except ImportError:  # e.g. a platform build without that runner
+        return None
+
+
 def _runtime_of(worker: Any) -> Any:
     runner = getattr(worker, "model_runner", None)
     return getattr(runner, _RUNTIME_ATTR, None)
 
 
-def sinkguard_lookup(self: Any, request_id: str) -> list[dict[str, Any]]:
-    """Worker RPC: the sink records of the request(s) with this id (or id prefix)."""
+def sinkguard_lookup(self: Any, request_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+    """Worker RPC: the sink records of the request(s) a client knows by this exact id, events paged."""
     runtime = _runtime_of(self)
-    return runtime.lookup(request_id) if runtime is not None and runtime.record else []
+    return runtime.lookup(request_id, offset, limit) if runtime is not None and runtime.record else []
 
 
 def sinkguard_status(self: Any) -> dict[str, Any]:
     """Worker RPC: whether the detector is installed, and its counters."""
     runtime = _runtime_of(self)
-    return runtime.status() if runtime is not None else {"enabled": False}
+    if runtime is not None:
+        return runtime.status()
+    runner = getattr(self, "model_runner", None)
+    return {"runtime": False, "enabled": False, "runner": f"{type(runner).__module__}.{type(runner).__name__}"}
 
 
 def sinkguard_set_detection(self: Any, enabled: bool) -> bool:
@@ -133,16 +190,14 @@ def register() -> None:
     config = enabled_config()  # raises ConfigError (naming the field) on a bad config
     if config is None:
         return
-    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
     from vllm.v1.worker.worker_base import WorkerBase
 
-    _wrap_load_model(GPUModelRunner, config)
-    try:  # the CPU runner overrides load_model
-        from vllm.v1.worker.cpu_model_runner import CPUModelRunner
-
-        _wrap_load_model(CPUModelRunner, config)
-    except ImportError:
-        pass
+    for module, name, observed in RUNNER_CLASSES:
+        if (runner_cls := _import_class(module, name)) is not None:
+            _wrap_runner(runner_cls, config, observed)
+    for module, name in WORKER_CLASSES:
+        if (worker_cls := _import_class(module, name)) is not None:
+            _wrap_worker(worker_cls)
     WorkerBase.sinkguard_lookup = sinkguard_lookup  # type: ignore[attr-defined]
     WorkerBase.sinkguard_status = sinkguard_status  # type: ignore[attr-defined]
     WorkerBase.sinkguard_set_detection = sinkguard_set_detection  # type: ignore[attr-defined]

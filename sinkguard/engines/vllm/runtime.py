@@ -33,31 +33,11 @@ from sinkguard.architectures import contract_for_config, decoder_layers
 from sinkguard.config import ServeConfig
 from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
-from sinkguard.errors import ConfigError
 from sinkguard.profile import SinkProfile
+from sinkguard.serving.faults import FaultGuard, FaultInjector
 from sinkguard.serving.records import RequestTracker
 
 logger = logging.getLogger("sinkguard")
-
-
-def check_engine_settings(vllm_config: Any) -> None:
-    """Refuse settings under which detection would be silently wrong."""
-    model_config = vllm_config.model_config
-    if not getattr(model_config, "enforce_eager", False):
-        raise ConfigError(
-            "sinkguard needs vLLM in eager mode: its detector runs as Python code between decoder layers, which "
-            "does not run inside torch.compile graphs or CUDA graphs (detection would silently stop). Start vLLM with "
-            "--enforce-eager (`sinkguard serve` sets it) or disable sinkguard (unset SINKGUARD_CONFIG)."
-        )
-    if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
-        raise ConfigError(
-            "sinkguard cannot run with prefix caching: tokens served from the prefix cache skip the forward "
-            "pass, so sinks among them would go undetected. Start vLLM with --no-enable-prefix-caching "
-            "(`sinkguard serve` sets it)."
-        )
-    if vllm_config.parallel_config.pipeline_parallel_size > 1:
-        raise ConfigError("sinkguard does not support pipeline parallelism yet (tensor parallelism is fine): "
-                          "set --pipeline-parallel-size 1")
 
 
 def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str, sample_projections: bool = True) -> ModelInfo:
@@ -79,22 +59,32 @@ def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str, sample_pr
 
 
 class VllmSinkRuntime:
-    """The detector living in one vLLM worker."""
+    """The detector living in one vLLM worker.
+
+    Fail-open: every piece of detector work runs under :class:`~sinkguard.serving.faults.FaultGuard`
+    (see there); the model's own forward is never wrapped in it, so a model error stays vLLM's.
+    """
 
     def __init__(self, runner: Any, config: ServeConfig, profile: SinkProfile, record: bool = True) -> None:
         self.runner = runner
         self.config = config
         self.profile = profile
         self.record = record  # False on tensor-parallel ranks > 0: they see the same hidden states
-        self.detector = StepDetector(profile)
-        self.tracker = RequestTracker(config.max_finished_requests, config.max_events_per_request)
+        self.detector = StepDetector(profile, reverify_every=config.reverify_every_steps,
+                                     chunk_tokens=config.prefill_chunk_tokens)
+        self.tracker = RequestTracker(config.max_finished_requests, config.max_events_per_request,
+                                      config.record_store_bytes, config.record_ttl_seconds)
         self.model_name = config.model_name or profile.model.name
         self.metrics = None
         if config.metrics and record:
             from sinkguard.metrics import sink_metrics
 
             self.metrics = sink_metrics()
+        self.guard = FaultGuard(config.fault_limit, config.fail_closed, on_fault=self._on_fault)
+        self.injector = FaultInjector(config.fault_injection)
+        self.removed_reason: str | None = None  # why the detector removed itself
         self.steps = 0
+        self.unlaid_steps = 0  # steps with attention metadata sinkguard could not map to requests
         self.total_seconds = 0.0  # detector time (observers + detection), all steps
         self._active = False
         self._num_tokens = 0
@@ -112,10 +102,13 @@ class VllmSinkRuntime:
         if self._wrapped:
             return
         layers = decoder_layers(self.runner.model)
+        # The persistent buffer exists before vLLM measures memory and sizes the KV cache.
+        self.detector.allocate(next(self.runner.model.parameters()).device)
         last = len(layers) - 1
         for index, layer in enumerate(layers):
             self._wrapped.append((layer, layer.__dict__.get("forward")))
             layer.forward = self._observed_forward(index, layer.forward, first=index == 0, last=index == last)
+        self.removed_reason = None
 
     def remove(self) -> None:
         for layer, previous in self._wrapped:
@@ -137,10 +130,11 @@ class VllmSinkRuntime:
         if not is_forward_context_available():
             return None
         metadata = get_forward_context().attn_metadata
-        if isinstance(metadata, list):  # micro-batching: one dict per micro-batch
-            metadata = metadata[0] if len(metadata) == 1 else None
         if not metadata:  # profiling and warm-up runs have no metadata
             return None
+        if not isinstance(metadata, dict):  # e.g. a list per micro-batch: refused at start-up, never guessed
+            self.unlaid_steps += 1
+            raise TypeError(f"unexpected attention metadata {type(metadata).__name__}; cannot map tokens to requests")
         first = next(iter(metadata.values()))
         query_start = first.query_start_loc.cpu().numpy()
         num_requests = query_start.shape[0] - 1
@@ -149,11 +143,14 @@ class VllmSinkRuntime:
 
     def _on_step_start(self, args: tuple, kwargs: dict) -> None:
         start = time.perf_counter()
+        self._layout = None
+        self.injector.step()
         layout = self._batch_layout()
         self._active = layout is not None
         if not self._active:
             return
         self._layout = layout
+        self.injector.maybe_raise("step_start")
         self._num_tokens = int(layout[0][-1])
         # LlamaDecoderLayer.forward(positions, hidden_states, residual)
         self._positions = kwargs.get("positions", args[0] if args else None)
@@ -164,17 +161,26 @@ class VllmSinkRuntime:
 
     def _observed_forward(self, index: int, forward: Any, first: bool, last: bool) -> Any:
         observe = self.detector.observe  # runs for every layer of every step: keep it lean
+        inject = self.injector.maybe_raise if self.injector.injection is not None else None
 
         def observed_forward(*args: Any, **kwargs: Any) -> Any:
             if first:
-                self._on_step_start(args, kwargs)
-            output = forward(*args, **kwargs)
+                try:
+                    self._on_step_start(args, kwargs)
+                except Exception as exc:
+                    self._fault("step_start", exc)
+            output = forward(*args, **kwargs)  # the model's own work: never guarded
             if self._active:
-                start = time.perf_counter()
-                observe(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
-                self._elapsed += time.perf_counter() - start
-                if last:
-                    self._on_step_end()
+                try:
+                    start = time.perf_counter()
+                    if inject is not None:
+                        inject("layer")
+                    observe(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
+                    self._elapsed += time.perf_counter() - start
+                    if last:
+                        self._on_step_end()
+                except Exception as exc:
+                    self._fault("layer" if not last else "step_end", exc)
             return output
 
         return observed_forward
@@ -182,36 +188,61 @@ class VllmSinkRuntime:
     def _on_step_end(self) -> None:
         start = time.perf_counter()
         self._active = False
+        self.injector.maybe_raise("step_end")
         n = self._num_tokens
         positions = self._positions[:n].cpu().numpy()
         events = self.detector.finish(positions)
-        if self.record and events is not None:  # None: the step's activations were not usable
-            self._record(positions, events)
+        if self.record:
+            self._record(positions, events)  # events None: the step's activations were not usable
         self._elapsed += time.perf_counter() - start
         self.steps += 1
         self.total_seconds += self._elapsed
         if self.metrics is not None:
             self.metrics.detector_seconds.labels(self.model_name).observe(self._elapsed)
 
+    # -- faults -------------------------------------------------------------------------------
+    def _fault(self, stage: str, exc: Exception) -> None:
+        """A detector fault: the step goes on unobserved (or, failing closed, the exception goes on)."""
+        self._active = False
+        self.detector.abandon()
+        self._mark_unscanned()
+        self.guard.record(stage, exc)  # re-raises when failing closed
+        if self.guard.exhausted and self.installed:
+            self.remove()
+            self.removed_reason = (f"removed after {self.guard.total} detector faults (first: "
+                                   f"{self.guard.first_fault}); the server keeps serving without detection")
+            logger.error("sinkguard: detector %s", self.removed_reason)
+
+    def _on_fault(self, stage: str, _exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.faults.labels(self.model_name, stage).inc()
+
+    def _mark_unscanned(self) -> None:
+        try:  # best effort: the layout itself may be what failed
+            if self.record and self._layout is not None:
+                for request_id in self._layout[1]:
+                    (self.tracker.live.get(request_id) or self._first_sight(request_id)).unscanned_steps += 1
+        except Exception:
+            pass
+
     # -- bookkeeping --------------------------------------------------------------------------
-    def _record(self, positions: np.ndarray, events: list) -> None:
+    def _record(self, positions: np.ndarray, events: list | None) -> None:
         query_start, request_ids = self._layout
         live = self.tracker.live
         records = [live.get(request_id) or self._first_sight(request_id) for request_id in request_ids]
-        # A request's tokens in a step are consecutive positions: those before its prompt's end
-        # are prefill, the rest decode. Plain Python: a step has few requests, numpy calls cost more.
+        # A request's tokens in a step are consecutive positions (RequestRecord.account splits
+        # them into prefill, decode and recomputed). Plain Python: a step has few requests.
         starts = query_start.tolist()
         first_positions = positions[query_start[:-1]].tolist()
+        scanned_below = [record.next_position for record in records]
         step_prefill = step_decode = 0
         for i, record in enumerate(records):
-            if record.options.detect:
-                total = starts[i + 1] - starts[i]
-                prefill = min(max(record.prompt_tokens - first_positions[i], 0), total)
-                record.prefill_tokens_scanned += prefill
-                record.prefill_steps += prefill > 0
-                record.decode_tokens_scanned += total - prefill
-                step_prefill += prefill
-                step_decode += total - prefill
+            if events is None:
+                record.unscanned_steps += 1
+                continue
+            prefill, decode = record.account(first_positions[i], starts[i + 1] - starts[i])
+            step_prefill += prefill
+            step_decode += decode
         if self.metrics is not None:
             if step_prefill:
                 self.metrics.tokens_scanned.labels(self.model_name, "prefill").inc(step_prefill)
@@ -223,7 +254,7 @@ class VllmSinkRuntime:
         for column, event in events:
             i = int(np.searchsorted(query_start, column, side="right")) - 1
             record = records[i]
-            if not record.options.detect:
+            if not record.options.detect or event.position < scanned_below[i]:
                 continue
             if token_ids is not None:
                 event.token_id = int(token_ids[column])
@@ -243,21 +274,28 @@ class VllmSinkRuntime:
             self.metrics.requests_finished.labels(self.model_name).inc()
 
     # -- control plane (collective_rpc) -------------------------------------------------------
-    def lookup(self, request_id: str) -> list[dict[str, Any]]:
+    def lookup(self, client_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
-        return self.tracker.lookup(request_id)
+        return self.tracker.lookup(client_id, offset, limit)
 
     def status(self) -> dict[str, Any]:
         return {
+            "runtime": True,
             "enabled": self.installed,
+            "removed_reason": self.removed_reason,
             "model": self.profile.model.name,
             "fingerprint": self.profile.model.fingerprint,
             "window_layers": self.profile.meta.window_layers,
             "forming_layers": [f.layer for f in self.profile.meta.forming_layers],
             "live_requests": len(self.tracker.live),
             "finished_requests": len(self.tracker.finished),
+            "finished_records_bytes": self.tracker.finished_bytes,
             "steps": self.steps,
             "unscanned_steps": self.detector.unscanned_steps,
+            "faults": dict(self.guard.faults),
+            "fail_closed": self.guard.fail_closed,
             "zero_copy_capture": self.detector.zero_copy,
+            "zero_copy_verifications": self.detector.verifications,
+            "persistent_buffer_bytes": self.detector.buffer_bytes,
             "detector_seconds": round(self.total_seconds, 6),
         }

@@ -140,12 +140,15 @@ def _group_alive(pgid: int) -> bool:
 class RunningServer:
     """A started server process group; a context manager that stops all of it."""
 
-    def __init__(self, launch: ServerLaunch, log_path: Path | None = None) -> None:
+    def __init__(self, launch: ServerLaunch, log_path: Path | None = None, console: bool = False) -> None:
+        """The server's output goes to ``log_path`` (default ``server.log`` in the launch folder), or
+        with ``console`` to this process's own stdout/stderr (a service's journal)."""
         self.launch = launch
-        self.log_path = log_path or launch.workdir / "server.log"
-        self._log = open(self.log_path, "wb")
+        self.log_path = None if console else (log_path or launch.workdir / "server.log")
+        self._log = open(self.log_path, "wb") if self.log_path is not None else None
         # Its own session: a terminal's Ctrl-C reaches the parent only, which forwards it once.
-        self.process = subprocess.Popen(launch.command, env=launch.env, stdout=self._log, stderr=subprocess.STDOUT,
+        self.process = subprocess.Popen(launch.command, env=launch.env, stdout=self._log,
+                                        stderr=subprocess.STDOUT if self._log else None,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         self.pgid = self.process.pid
 
@@ -175,17 +178,19 @@ class RunningServer:
         raise TimeoutError(f"vLLM server not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
+        if self._log is None:
+            return "(the server's output went to the console)"
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 
-    def signal(self, signum: int) -> None:
+    def send_signal(self, signum: int) -> None:
         """Send ``signum`` to every process of the server."""
         if _group_alive(self.pgid):
             os.killpg(self.pgid, signum)
 
     def stop(self, signum: int = signal.SIGINT, grace: float = 30.0) -> None:
         """Signal the whole group, wait until none of it is left, then SIGKILL what remains."""
-        self.signal(signum)
+        self.send_signal(signum)
         deadline = time.time() + grace
         while time.time() < deadline and (self.process.poll() is None or _group_alive(self.pgid)):
             time.sleep(0.2)
@@ -194,7 +199,8 @@ class RunningServer:
         self.process.wait()
         while _group_alive(self.pgid) and time.time() < deadline + 10:
             time.sleep(0.1)
-        self._log.close()
+        if self._log is not None:
+            self._log.close()
 
     def __enter__(self) -> RunningServer:
         return self
@@ -239,12 +245,12 @@ def serve_forever(launch: ServerLaunch, on_ready: Any = None, ready_timeout: flo
 
     Every forwarded signal goes to the server's whole process group, and this process exits only
     once none of it is left (no orphaned engine holding memory and the port)."""
-    server = RunningServer(launch)
+    server = RunningServer(launch, console=True)
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
         received.append(signum)
-        server.signal(signum)
+        server.send_signal(signum)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
