@@ -25,3 +25,7 @@ class ConfigError(SinkguardError):
 
 class ProfileError(SinkguardError):
     """A sink profile is unreadable, of an unsupported version, or belongs to another model."""
+
+
+class ServerError(SinkguardError):
+    """A server sinkguard started exited or never became ready."""

@@ -25,7 +25,7 @@ from sinkguard.core.trace import SequenceTrace
 from sinkguard.core.validation import Agreement, ConfirmedSinks
 
 REPORT_SCHEMA = "sinkguard.scan"
-REPORT_SCHEMA_VERSION = 1
+REPORT_SCHEMA_VERSION = 2  # 2: model.fingerprint covers a projection sample; model.fingerprints, weights_dtype
 
 
 @dataclass

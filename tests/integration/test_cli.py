@@ -36,7 +36,7 @@ def test_scan_writes_the_documented_report(tmp_path: Path):
     proc = run_cli("scan", "--prompts", str(prompts), "--out", str(tmp_path / "out"))
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "out" / "report.json").read_text())
-    assert report["schema"] == "sinkguard.scan" and report["schema_version"] == 1
+    assert report["schema"] == "sinkguard.scan" and report["schema_version"] == 2
     assert len(report["prompts"]) == 2
     sinks = report["prompts"][0]["sinks"]
     assert sinks, "the licence excerpt has sinks"

@@ -50,7 +50,10 @@ def alive(pid: int) -> bool:
 
 
 def port_free(port: int) -> bool:
+    """Whether a new server could listen on ``port`` (SO_REUSEADDR, as uvicorn binds: connections of
+    the old server lingering in TIME_WAIT do not count, a listener does)."""
     with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind(("127.0.0.1", port))
             return True

@@ -9,6 +9,8 @@ from vllm.v1.worker.cpu_worker import CPUWorker
 
 class UnobservedWorker(CPUWorker):
     def load_model(self, *, load_dummy_weights: bool = False) -> None:
+        from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader import get_model
 
-        self.model_runner.model = get_model(vllm_config=self.vllm_config)
+        with set_current_vllm_config(self.vllm_config):
+            self.model_runner.model = get_model(vllm_config=self.vllm_config)

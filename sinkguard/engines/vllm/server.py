@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkguard.config import ServeConfig
-from sinkguard.errors import ConfigError
+from sinkguard.errors import ConfigError, ServerError
 
 ENFORCED_ARGS = ("--enforce-eager", "--no-enable-prefix-caching", "--no-async-scheduling")
 ENFORCED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
@@ -157,9 +157,10 @@ class RunningServer:
         return self.launch.base_url
 
     def ready(self) -> bool:
-        """Whether ``/health`` answers 200; RuntimeError (with the log) if the server has exited."""
+        """Whether ``/health`` answers 200; ServerError (with the log) if the server has exited."""
         if self.process.poll() is not None:
-            raise RuntimeError(f"vLLM server exited with {self.process.returncode}:\n{self.log_tail()}")
+            raise ServerError(f"the vLLM server exited with status {self.process.returncode} before it was ready:\n"
+                              f"{self.log_tail()}")
         try:
             with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
                 return response.status == 200
@@ -167,7 +168,7 @@ class RunningServer:
             return False
 
     def wait_ready(self, timeout: float = 300.0, stop_waiting: Any = None) -> bool:
-        """Wait until ready (True) or ``stop_waiting()`` is true (False); TimeoutError after ``timeout``."""
+        """Wait until ready (True) or ``stop_waiting()`` is true (False); ServerError after ``timeout``."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             if stop_waiting is not None and stop_waiting():
@@ -175,11 +176,11 @@ class RunningServer:
             if self.ready():
                 return True
             time.sleep(1.0)
-        raise TimeoutError(f"vLLM server not ready after {timeout:.0f}s:\n{self.log_tail()}")
+        raise ServerError(f"the vLLM server was not ready after {timeout:.0f}s:\n{self.log_tail()}")
 
     def log_tail(self, chars: int = 4000) -> str:
         if self._log is None:
-            return "(the server's output went to the console)"
+            return "(its output is above)"
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 

