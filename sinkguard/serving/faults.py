@@ -37,6 +37,7 @@ class FaultGuard:
         self.faults: Counter[str] = Counter()  # by stage
         self.first_fault: str | None = None  # "stage: ExceptionType: message" of the first fault
         self._logged: set[tuple[str, str]] = set()
+        self._armed_at = 0  # total faults when the detector was last (re)installed
 
     @property
     def total(self) -> int:
@@ -44,8 +45,12 @@ class FaultGuard:
 
     @property
     def exhausted(self) -> bool:
-        """The detector should remove itself."""
-        return self.total >= self.fault_limit
+        """The detector should remove itself: ``fault_limit`` faults since it was last installed."""
+        return self.total - self._armed_at >= self.fault_limit
+
+    def rearm(self) -> None:
+        """A fresh budget of faults (an operator reinstalled the detector); counts are kept."""
+        self._armed_at = self.total
 
     def record(self, stage: str, exc: BaseException) -> None:
         """Count one fault; re-raises it when failing closed."""

@@ -87,6 +87,8 @@ def test_fault_guard_fails_open_logs_once_and_gives_up(caplog):
     assert sum("detector fault in layer" in r.message for r in caplog.records) == 1  # logged once per cause
     guard.record("step_end", MemoryError("oom"))
     assert guard.exhausted and guard.first_fault == "layer: ValueError: bad shape"
+    guard.rearm()  # the operator reinstalled the detector: a fresh budget, counts kept
+    assert not guard.exhausted and guard.total == 3
 
 
 def test_fault_guard_fails_closed_when_configured():

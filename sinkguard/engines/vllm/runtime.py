@@ -109,6 +109,7 @@ class VllmSinkRuntime:
             self._wrapped.append((layer, layer.__dict__.get("forward")))
             layer.forward = self._observed_forward(index, layer.forward, first=index == 0, last=index == last)
         self.removed_reason = None
+        self.guard.rearm()
 
     def remove(self) -> None:
         for layer, previous in self._wrapped:
