@@ -95,6 +95,15 @@ def detector_counters(base_url: str) -> tuple[float, int]:
             sum(int(w.get("steps", 0)) for w in workers))
 
 
+def preemptions(base_url: str) -> float:
+    """vLLM's ``vllm:num_preemptions_total`` (summed over label sets), from ``/metrics``."""
+    import urllib.request
+
+    with urllib.request.urlopen(base_url + "/metrics", timeout=30) as response:
+        lines = response.read().decode().splitlines()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in lines if line.startswith("vllm:num_preemptions_total"))
+
+
 def bench_command(args: argparse.Namespace, base_url: str, model_dir: str, seed: int,
                   result_dir: Path, filename: str) -> list[str]:
     return [
@@ -170,6 +179,7 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
                             extra_args=["--max-model-len", "2048", "--dtype", dtype, "--seed", "0"],
                             workdir=workdir)
     launch.env["SINKGUARD_ADMIN_TOKEN"] = ADMIN_TOKEN
+    launch.env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # room for every request in flight
     console.print(f"[bold]{dtype}[/]: starting vLLM at {launch.base_url} (log {workdir / 'server.log'}) ...")
     rounds: list[dict] = []
     with RunningServer(launch) as server:
@@ -185,23 +195,23 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
             schedule += [(f"pair{pair}-{'on' if state else 'off'}", state, args.seed_base + pair) for state in order]
         for name, enabled, seed in schedule:
             set_detection(server.base_url, enabled)
-            before = detector_counters(server.base_url)
+            before, preempted = detector_counters(server.base_url), preemptions(server.base_url)
             start = time.perf_counter()
             result = run_round(args, server.base_url, model_dir, seed, workdir, name)
             wall = time.perf_counter() - start
-            after = detector_counters(server.base_url)
+            after, preempted = detector_counters(server.base_url), preemptions(server.base_url) - preempted
             steps = after[1] - before[1]
             if not enabled and steps:
                 raise RuntimeError(f"round {name}: the detector observed {steps} steps while switched off")
             result.update(name=name, enabled=enabled, seed=seed, client_wall_s=wall,
-                          detector_seconds=after[0] - before[0], detector_steps=steps)
+                          detector_seconds=after[0] - before[0], detector_steps=steps, preemptions=preempted)
             rounds.append(result)
             console.print(f"  {name:<12} seed {seed}  {result['duration']:7.2f} s  "
                           f"{result['output_tokens'] / result['duration']:7.1f} tok/s  "
                           f"TTFT {result['ttft_sum_ms'] / result['ttft_count']:8.1f} ms  "
                           f"TPOT {result['tpot_sum_ms'] / max(result['tpot_count'], 1):7.1f} ms"
                           + (f"  detector {1000 * result['detector_seconds'] / steps:.2f} ms/step x {steps}"
-                             if steps else ""))
+                             if steps else "") + (f"  [red]{preempted:.0f} preemptions[/]" if preempted else ""))
         set_detection(server.base_url, True)
     measured = [r for r in rounds if r["name"] != "warmup"]
     on = [r for r in measured if r["enabled"]]
@@ -214,6 +224,7 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
     det_s, det_steps = sum(r["detector_seconds"] for r in on), sum(r["detector_steps"] for r in on)
     return {
         "dtype": dtype, "server_log": str(workdir / "server.log"), "rounds": rounds, "summary": summary,
+        "preemptions": sum(r["preemptions"] for r in measured),
         "identical_outputs": {"requests": sum(same), "of": sum(len(r["texts_sha1"]) for r in on)},
         "detector": {"seconds": det_s, "steps": det_steps,
                      "ms_per_step": 1000.0 * det_s / det_steps if det_steps else None,
@@ -288,6 +299,9 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--range-ratio", type=float, default=0.5,
                         help="random dataset lengths uniform in [len * (1 - r), len * (1 + r)]")
+    parser.add_argument("--kv-cache-gib", type=int, default=4,
+                        help="VLLM_CPU_KVCACHE_SPACE; 1 GiB (sinkguard's default) holds ~23k float32 tokens, fewer "
+                             "than 64 requests in flight may need: preemptions would distort the comparison")
     parser.add_argument("--seed-base", type=int, default=0)
     parser.add_argument("--round-timeout", type=float, default=1800.0, help="seconds per bench run")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/served.json"))
@@ -295,12 +309,17 @@ def main() -> None:
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
     console = Console(width=None if sys.stdout.isatty() else 120)
-    command = "python benchmarks/bench_served.py " + shlex.join(sys.argv[1:])
+    python = os.path.relpath(sys.executable) if Path(sys.executable).absolute().is_relative_to(Path.cwd()) else "python"
+    command = f"{python} benchmarks/bench_served.py " + shlex.join(sys.argv[1:])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = [run_dtype(args, dtype, console) for dtype in args.dtype]
     print_table(results, console)
     snippet = markdown(results, config, command.strip())
+    if args.rounds < 5:
+        console.print(f"[yellow]only {args.rounds} pairs of rounds: the bootstrap intervals are not meaningful[/]")
     for result in results:
+        if result["preemptions"]:
+            console.print(f"[yellow]{result['dtype']}: {result['preemptions']:.0f} preemptions in measured rounds[/]")
         same = result["identical_outputs"]
         console.print(f"{result['dtype']}: {same['requests']} of {same['of']} paired requests generated the same "
                       "text with the detector on and off (greedy; batching may differ between rounds)")
