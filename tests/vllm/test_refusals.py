@@ -104,3 +104,10 @@ def test_engine_refuses_an_architecture_without_a_contract(tmp_path, hf_model, s
     proc = start_engine(tmp_path / "neox", serve_config, max_model_len=128)
     assert proc.returncode != 0 and "STARTED" not in proc.stdout
     assert "does not support the architecture GPTNeoXForCausalLM" in proc.stdout, proc.stdout[-3000:]
+
+
+@pytest.mark.slow
+def test_engine_accepts_the_float32_profile_for_the_same_weights_in_bfloat16(hf_model, serve_config):
+    """vLLM CPU's default dtype rounds every weight to bfloat16: same weights at another precision."""
+    proc = start_engine(hf_model.source.path, serve_config, dtype="bfloat16")
+    assert proc.returncode == 0 and "STARTED" in proc.stdout, proc.stdout[-3000:]
