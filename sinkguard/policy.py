@@ -1,0 +1,91 @@
+"""Policies: named, validated, composable lists of interventions, shared by the CLI, the server and
+the workers (one typed model; unknown keys rejected, ranges checked), loaded from YAML or JSON.
+
+    default: none
+    allow_inline: false
+    policies:
+      - name: act
+        interventions:
+          - {kind: attention_redistribution, beta: 0.2, layers: [3, 4], heads: [0, 5]}
+      - name: clamp
+        interventions:
+          - {kind: mlp_norm_clamp, relative_norm: 3.0}
+
+The policy ``none`` always exists and does nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+
+from sinkguard.config import StrictModel, validate_config
+from sinkguard.core.interventions import INTERVENTIONS, InterventionSpec
+from sinkguard.errors import ConfigError
+
+NO_POLICY = "none"
+
+
+class Policy(StrictModel):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
+    interventions: list[InterventionSpec] = []
+
+    @field_validator("interventions", mode="before")
+    @classmethod
+    def _by_kind(cls, value: Any) -> Any:
+        if not isinstance(value, list):
+            return value
+        parsed = []
+        for item in value:
+            if isinstance(item, InterventionSpec):
+                parsed.append(item)
+                continue
+            kind = item.get("kind") if isinstance(item, dict) else None
+            if kind not in INTERVENTIONS:
+                raise ValueError(f"unknown intervention kind {kind!r} (known: {', '.join(sorted(INTERVENTIONS))})")
+            parsed.append(INTERVENTIONS[kind].model_validate(item))
+        return parsed
+
+
+class PolicySet(StrictModel):
+    """The policies a deployment offers, its default, and whether requests may send inline specs."""
+
+    policies: list[Policy] = []
+    default: str = NO_POLICY
+    allow_inline: bool = False
+    """Accept a whole policy in a request (off: requests may only name a configured policy)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> PolicySet:
+        names = [p.name for p in self.policies]
+        if len(set(names)) != len(names) or NO_POLICY in names:
+            raise ValueError(f"policy names must be unique and not {NO_POLICY!r}: {names}")
+        if self.default != NO_POLICY and self.default not in names:
+            raise ValueError(f"default policy {self.default!r} is not defined (defined: {names or 'none'})")
+        return self
+
+    def get(self, name: str) -> Policy:
+        if name == NO_POLICY:
+            return Policy(name=NO_POLICY)
+        for policy in self.policies:
+            if policy.name == name:
+                return policy
+        raise ConfigError(f"unknown policy {name!r} (configured: {', '.join([NO_POLICY, *self.names])})")
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.policies]
+
+
+def load_policies(path: Path | str) -> PolicySet:
+    """Read a YAML or JSON policy file; ConfigError names the bad field."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text())  # JSON is YAML
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read policy file {path}: {exc}") from None
+    return validate_config(PolicySet, data or {})

@@ -1,0 +1,76 @@
+"""Intervention specs and policies: typed, ranges checked, unknown keys and kinds rejected by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sinkguard.core.interventions import MlpNormClamp, MlpProjectionRemoval, formation_rows
+from sinkguard.errors import ConfigError
+from sinkguard.policy import PolicySet, load_policies
+
+POLICIES = """
+default: act
+policies:
+  - name: act
+    interventions:
+      - {kind: attention_redistribution, beta: 0.2, layers: [3, 4], heads: [0, 5]}
+  - name: clamp
+    interventions:
+      - {kind: mlp_norm_clamp, relative_norm: 3.0, phases: [prefill]}
+      - {kind: mlp_projection_removal, alpha: 0.5}
+"""
+
+
+def test_policy_file_loads_with_typed_interventions(tmp_path):
+    path = tmp_path / "policies.yaml"
+    path.write_text(POLICIES)
+    policies = load_policies(path)
+    assert policies.default == "act" and policies.names == ["act", "clamp"]
+    clamp = policies.get("clamp")
+    assert isinstance(clamp.interventions[0], MlpNormClamp) and clamp.interventions[0].phases == ["prefill"]
+    assert isinstance(clamp.interventions[1], MlpProjectionRemoval) and clamp.interventions[1].alpha == 0.5
+    assert policies.get("none").interventions == []
+    with pytest.raises(ConfigError, match="unknown policy 'other'"):
+        policies.get("other")
+
+
+@pytest.mark.parametrize("bad,field", [
+    ("{kind: attention_redistribution, beta: 1.5}", "beta"),
+    ("{kind: mlp_norm_clamp}", "exactly one of target_norm and relative_norm"),
+    ("{kind: mlp_projection_removal, alpah: 0.5}", "alpah"),
+    ("{kind: sink_eraser}", "unknown intervention kind 'sink_eraser'"),
+    ("{kind: first_token_scaling, layers: [-1]}", "layers"),
+])
+def test_invalid_policy_names_the_field(tmp_path, bad, field):
+    path = tmp_path / "p.yaml"
+    path.write_text(f"policies:\n  - name: p\n    interventions:\n      - {bad}\n")
+    with pytest.raises(ConfigError, match=field):
+        load_policies(path)
+
+
+def test_default_must_exist_and_names_be_unique():
+    with pytest.raises(ConfigError, match="default policy 'x'"):
+        from sinkguard.config import validate_config
+
+        validate_config(PolicySet, {"default": "x"})
+    with pytest.raises(ConfigError, match="unique"):
+        validate_config(PolicySet, {"policies": [{"name": "a"}, {"name": "a"}]})
+
+
+def test_mlp_arithmetic():
+    torch.manual_seed(0)
+    direction = torch.randn(16)
+    unit = direction / direction.norm()
+    rows = torch.randn(5, 16) + 20 * unit
+    removed = MlpProjectionRemoval(alpha=1.0).apply(rows, direction, 1.0)
+    assert torch.allclose(removed @ unit, torch.zeros(5), atol=1e-5)
+    half = MlpProjectionRemoval(alpha=0.5).apply(rows, direction, 1.0)
+    assert torch.allclose(half @ unit, 0.5 * (rows @ unit), atol=1e-5)
+    clamped = MlpNormClamp(relative_norm=2.0).apply(rows, direction, 3.0)
+    assert torch.allclose(clamped.norm(dim=-1), torch.full((5,), 6.0)) and torch.allclose(
+        clamped / clamped.norm(dim=-1, keepdim=True), rows / rows.norm(dim=-1, keepdim=True), atol=1e-6)
+    assert torch.equal(MlpNormClamp(target_norm=0.0).apply(rows, direction, 1.0), torch.zeros(5, 16))
+    mixed = torch.cat([rows[:2], torch.randn(3, 16)])
+    assert formation_rows(mixed, direction, median_norm=4.0, min_ratio=3.0, cos_threshold=0.9).tolist() == [
+        True, True, False, False, False]
