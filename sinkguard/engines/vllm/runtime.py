@@ -5,8 +5,10 @@ Installed by the plugin after the model runner has loaded the model (see ``plugi
 translates: vLLM's decoder layers return ``(mlp_contribution, residual)`` for every family of
 :mod:`sinkguard.architectures` (on Gemma the contribution is already post-normed, the same tensor
 the transformers adapter hooks), whose sum is the residual stream the paper's detector reads; the
-forward context says which rows of the flattened batch belong to which request. Detection,
-per-request records and metrics are :mod:`sinkguard.core.online` and :mod:`sinkguard.metrics`.
+forward context says which rows of the flattened batch belong to which request. Detection is
+:mod:`sinkguard.core.online`; per-request records, their accounting (prefill, decode, recomputed
+after a preemption) and the fail-open guard are :mod:`sinkguard.serving`; metrics
+:mod:`sinkguard.metrics`. Engine settings it cannot observe are refused by ``settings.py``.
 
 Each decoder layer's ``forward`` is wrapped (an instance attribute, removed again by
 :meth:`VllmSinkRuntime.remove`) rather than given a forward hook: with a hook installed, PyTorch
