@@ -223,7 +223,7 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
             for a, b in zip(on, off, strict=True)]
     det_s, det_steps = sum(r["detector_seconds"] for r in on), sum(r["detector_steps"] for r in on)
     return {
-        "dtype": dtype, "server_log": str(workdir / "server.log"), "rounds": rounds, "summary": summary,
+        "dtype": dtype, "rounds": rounds, "summary": summary,
         "preemptions": sum(r["preemptions"] for r in measured),
         "identical_outputs": {"requests": sum(same), "of": sum(len(r["texts_sha1"]) for r in on)},
         "detector": {"seconds": det_s, "steps": det_steps,
