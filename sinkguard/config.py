@@ -216,6 +216,9 @@ class ServeConfig(StrictModel):
     """Serve with a profile whose detector did not reach the agreement targets with attention
     (status ``below_target``) or was never checked (``unvalidated``, calibrated without attention).
     Off by default: such a detector may flag ordinary tokens, and interventions would edit them."""
+    policies: str | None = None
+    """Policy file (YAML or JSON, :class:`sinkguard.policy.PolicySet`): the interventions requests may
+    select with ``vllm_xargs: {"sinkguard_policy": NAME}``, and the default for those that do not."""
     fail_closed: bool = False
     """On a detector fault, fail the engine step (vLLM then fails its requests) instead of serving
     it unobserved. Off by default: the server must survive its observer."""

@@ -26,6 +26,10 @@ class SinkMetrics:
         self.requests_finished = Counter(
             "sinkguard:requests_finished", "Requests whose sink record was closed.", ["model_name"],
         )
+        self.interventions_applied = Counter(
+            "sinkguard:interventions_applied", "Token edits by policy and intervention (one per token and layer).",
+            ["model_name", "policy", "intervention"],
+        )
         self.faults = Counter(
             "sinkguard:faults", "Detector faults by stage; each faulted step was served unobserved (fail-open).",
             ["model_name", "stage"],

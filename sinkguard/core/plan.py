@@ -38,6 +38,7 @@ class MlpEdit:
     """One MLP intervention at one layer over some rows of the step."""
 
     intervention: InterventionSpec
+    policy: str
     rows: torch.Tensor  # long [n]: candidate rows of the flattened batch
     requests: np.ndarray  # int [n]: each row's request index (to record what fired)
     positions: np.ndarray  # int [n]
@@ -107,7 +108,7 @@ def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_po
         rows, requests, positions = rows[keep], requests[keep], positions[keep]
         if rows.size == 0:
             continue
-        plan.mlp.setdefault(key[0], []).append(MlpEdit(spec, torch.from_numpy(rows), requests, positions,
+        plan.mlp.setdefault(key[0], []).append(MlpEdit(spec, key[1], torch.from_numpy(rows), requests, positions,
                                                        flagged_only=not all_tokens))
     return plan
 
@@ -118,6 +119,7 @@ class AppliedEdit:
 
     layer: int
     intervention: InterventionSpec
+    policy: str
     requests: np.ndarray
     positions: np.ndarray
 
@@ -143,7 +145,7 @@ def apply_mlp_edits(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: For
             requests, positions = edit.requests, edit.positions
         mlp_out.index_copy_(0, rows, edit.intervention.apply(chosen, rule.direction, rule.median_norm)
                             .to(mlp_out.dtype))
-        applied.append(AppliedEdit(layer, edit.intervention, requests, positions))
+        applied.append(AppliedEdit(layer, edit.intervention, edit.policy, requests, positions))
     return applied
 
 

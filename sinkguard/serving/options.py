@@ -27,6 +27,8 @@ class RequestOptions(StrictModel):
     drops the request's events and metrics)."""
     max_events: int = Field(256, ge=0, le=65536)
     """Keep at most this many events for the request (the rest are counted as dropped)."""
+    policy: str | None = Field(None, min_length=1, max_length=64)
+    """Name of a configured intervention policy (default: the server's default policy)."""
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestOptions:

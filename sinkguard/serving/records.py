@@ -60,6 +60,9 @@ class RequestRecord:
     next_position: int = 0  # positions below this have been scanned
     events: list[dict[str, Any]] = field(default_factory=list)
     events_dropped: int = 0
+    policy: str = "none"
+    interventions: list[dict[str, Any]] = field(default_factory=list)  # edits that fired (bounded like events)
+    interventions_applied: Counter = field(default_factory=Counter)  # by intervention kind
     kinds: Counter = field(default_factory=Counter)
     finished: bool = False
     finished_at: float = 0.0
@@ -90,9 +93,14 @@ class RequestRecord:
         record["phase"] = phase
         self.events.append(record)
 
+    def add_intervention(self, kind: str, layer: int, position: int) -> None:
+        self.interventions_applied[kind] += 1
+        if len(self.interventions) < self.options.max_events:
+            self.interventions.append({"intervention": kind, "layer": layer, "position": position})
+
     @property
     def approx_bytes(self) -> int:
-        return RECORD_OVERHEAD_BYTES + EVENT_BYTES * len(self.events)
+        return RECORD_OVERHEAD_BYTES + EVENT_BYTES * (len(self.events) + len(self.interventions))
 
     def to_dict(self, offset: int = 0, limit: int | None = None) -> dict[str, Any]:
         """The record as JSON; ``offset``/``limit`` page through its events."""
@@ -111,6 +119,9 @@ class RequestRecord:
             "events_total": len(self.events),
             "events_offset": offset,
             "events": [dict(e) for e in self.events[offset:end]],
+            "policy": self.policy,
+            "interventions_applied": dict(self.interventions_applied),
+            "interventions": [dict(e) for e in self.interventions[offset:offset + (limit or len(self.interventions))]],
         }
 
 

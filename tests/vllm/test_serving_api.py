@@ -104,6 +104,14 @@ def test_request_options_are_validated_on_every_endpoint(server, path):
     assert status == 200, body  # the endpoint exists and a valid option passes
 
 
+def test_unknown_policy_gets_400_naming_it(server, online_prompts):
+    status, body = http_json(server.base_url + "/v1/completions", {
+        "model": "smol", "prompt": online_prompts[0], "max_tokens": 2, "vllm_xargs": {"sinkguard_policy": "nope"}},
+        headers=server.user_headers)
+    assert status == 400 and "unknown policy 'nope'" in body["error"]["message"], body
+    assert completion(server, online_prompts[0], vllm_xargs={"sinkguard_policy": "none"})["choices"]
+
+
 def test_operator_can_switch_detection_off_and_on(server, online_prompts):
     try:
         status, body = http_json(server.base_url + "/sinkguard/detection", {"enabled": False},

@@ -20,11 +20,14 @@ from pathlib import Path
 
 
 def generate(model_dir: Path, prompts: list[list[int]], folder: Path, max_tokens: int,
-             serve_config: Path | None = None, timeout: float = 900, engine_args: dict | None = None) -> dict:
-    """Run this module in a subprocess; returns ``{"tokens": [...], "records": [...]}``."""
+             serve_config: Path | None = None, timeout: float = 900, engine_args: dict | None = None,
+             extra_args: list[dict] | None = None) -> dict:
+    """Run this module in a subprocess; returns ``{"tokens", "logprobs", "records"}`` (``logprobs``:
+    each generated token's log-probability). ``extra_args``: per-prompt ``vllm_xargs``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompts.json").write_text(json.dumps(prompts))
     (folder / "engine.json").write_text(json.dumps(engine_args or {}))
+    (folder / "extra_args.json").write_text(json.dumps(extra_args or [None] * len(prompts)))
     command = [sys.executable, "-m", __name__, str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
                str(max_tokens)] + ([str(serve_config)] if serve_config else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
@@ -47,13 +50,18 @@ def _main(argv: list[str]) -> None:
     engine_args = json.loads(engine_file.read_text()) if engine_file.exists() else {}
     llm = LLM(model=model_dir, **{"enforce_eager": True, "enable_prefix_caching": False, "max_model_len": 2048,
                                   "seed": 0, "dtype": "float32", **engine_args})
-    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                           SamplingParams(temperature=0.0, max_tokens=int(max_tokens)), use_tqdm=False)
+    extra_file = Path(prompts_path).with_name("extra_args.json")
+    extras = json.loads(extra_file.read_text()) if extra_file.exists() else [None] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_tokens=int(max_tokens), logprobs=1, extra_args=extra)
+              for extra in extras]
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     records = []
     if len(argv) > 4:
         records = [llm.collective_rpc("sinkguard_lookup", args=(o.request_id,))[0] for o in outputs]
+    logprobs = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
+                for o in outputs]
     Path(out_path).write_text(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs],
-                                          "records": records}))
+                                          "logprobs": logprobs, "records": records}))
 
 
 if __name__ == "__main__":

@@ -37,11 +37,27 @@ _RUNTIME_ATTR = "_sinkguard_runtime"
 
 
 def enabled_config() -> ServeConfig | None:
+    """The plugin's config, or None when inert; a bad config or policy file fails here, naming the field."""
     path = os.environ.get(CONFIG_ENV)
     if not path:
         return None
     config = load_serve_config(path)
-    return config if config.enabled else None
+    if not config.enabled:
+        return None
+    serve_policies(config)
+    return config
+
+
+def serve_policies(config: ServeConfig | None) -> Any:
+    """The deployment's policy set (only ``none`` without a policy file)."""
+    from sinkguard.policy import PolicySet, load_policies
+
+    if config is None or config.policies is None:
+        return PolicySet()
+    try:
+        return load_policies(config.policies)
+    except ConfigError as exc:
+        raise ConfigError(f"policies ({config.policies}): {exc}") from None
 
 
 TRUSTED_STATUSES = ("validated", "no_secondary_sinks")
@@ -82,7 +98,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     info = vllm_model_info(runner.model, vllm_config.model_config.hf_config, profile.model.name,
                            sample_projections=rank == 0)  # other ranks hold other projection slices
     profile.check_model(info)
-    runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0)
+    runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=serve_policies(config))
     runtime.install()
     setattr(runner, _RUNTIME_ATTR, runtime)
     logger.info("sinkguard: detector installed (profile %s, window layers %s)", config.profile,

@@ -12,8 +12,8 @@ Opt-in like every endpoint plugin (``VLLM_PLUGINS`` must name ``sinkguard``). Ad
   observers at run time).
 - a request-validation middleware: an invalid ``vllm_xargs.sinkguard_*`` option in the JSON body
   of *any* POST (completions, chat, responses, messages, whatever vLLM adds; under any
-  ``--root-path``) gets HTTP 400 naming the option before the request reaches the engine, which
-  keeps serving everyone else.
+  ``--root-path``), or the name of a policy the server does not have, gets HTTP 400 naming it
+  before the request reaches the engine, which keeps serving everyone else.
 
 Access: vLLM's ``--api-key`` (or ``VLLM_API_KEY``) guards only ``/v1``-style prefixes, so these
 routes check it themselves, the same way (``Authorization: Bearer``, constant-time compare). With
@@ -132,10 +132,24 @@ def _validate(body: bytes) -> str | None:
     if not isinstance(xargs, dict):
         return None
     try:
-        RequestOptions.from_extra_args(xargs)
+        options = RequestOptions.from_extra_args(xargs)
+        if options.policy is not None:
+            _policies().get(options.policy)
     except ConfigError as exc:
         return str(exc)
     return None
+
+
+_POLICIES: list[Any] = []
+
+
+def _policies() -> Any:
+    """The server's policy set, read once (the same file and code the workers use)."""
+    if not _POLICIES:
+        from sinkguard.engines.vllm.plugin import enabled_config, serve_policies
+
+        _POLICIES.append(serve_policies(enabled_config()))
+    return _POLICIES[0]
 
 
 def _page(value: str | None, default: int, low: int, high: int, name: str) -> int:

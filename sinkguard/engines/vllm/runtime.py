@@ -35,6 +35,16 @@ from sinkguard.architectures import contract_for_config, decoder_layers
 from sinkguard.config import ServeConfig
 from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
+from sinkguard.core.plan import (
+    EMPTY_PLAN,
+    AppliedEdit,
+    RequestSlice,
+    StepPlan,
+    apply_mlp_edits,
+    build_plan,
+    formation_rules,
+)
+from sinkguard.policy import NO_POLICY, PolicySet
 from sinkguard.profile import SinkProfile
 from sinkguard.serving.faults import FaultGuard, FaultInjector
 from sinkguard.serving.records import RequestTracker
@@ -67,7 +77,8 @@ class VllmSinkRuntime:
     (see there); the model's own forward is never wrapped in it, so a model error stays vLLM's.
     """
 
-    def __init__(self, runner: Any, config: ServeConfig, profile: SinkProfile, record: bool = True) -> None:
+    def __init__(self, runner: Any, config: ServeConfig, profile: SinkProfile, record: bool = True,
+                 policies: PolicySet | None = None) -> None:
         self.runner = runner
         self.config = config
         self.profile = profile
@@ -82,6 +93,10 @@ class VllmSinkRuntime:
             from sinkguard.metrics import sink_metrics
 
             self.metrics = sink_metrics()
+        self.policies = PolicySet() if policies is None else policies
+        self.rules = formation_rules(profile)
+        self.forming_layers = [f.layer for f in profile.meta.forming_layers]
+        self._plan = EMPTY_PLAN
         self.guard = FaultGuard(config.fault_limit, config.fail_closed, on_fault=self._on_fault)
         self.injector = FaultInjector(config.fault_injection)
         self.removed_reason: str | None = None  # why the detector removed itself
@@ -147,6 +162,7 @@ class VllmSinkRuntime:
     def _on_step_start(self, args: tuple, kwargs: dict) -> None:
         start = time.perf_counter()
         self._layout = None
+        self._plan = EMPTY_PLAN
         self.injector.step()
         layout = self._batch_layout()
         self._active = layout is not None
@@ -160,7 +176,25 @@ class VllmSinkRuntime:
         self._input_ids = self.runner.input_ids.cpu
         self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
         self.detector.start(self._num_tokens, self._positions.device)
+        self._plan = self._step_plan(layout)
         self._elapsed = time.perf_counter() - start
+
+    def _step_plan(self, layout: tuple[np.ndarray, list[str]]) -> StepPlan:
+        """The step's interventions, built before the first layer (a request without a policy costs
+        a lookup; a step without any, nothing more)."""
+        query_start, request_ids = layout
+        live = self.tracker.live
+        chosen = []
+        for i, request_id in enumerate(request_ids):
+            record = live.get(request_id) or self._first_sight(request_id)
+            if record.policy != NO_POLICY:
+                chosen.append((i, record))
+        if not chosen:
+            return EMPTY_PLAN
+        firsts = self._positions[torch.from_numpy(query_start[:-1]).to(self._positions.device)].tolist()
+        pieces = [RequestSlice(i, int(query_start[i]), int(query_start[i + 1]), int(firsts[i]), record.prompt_tokens,
+                               self.policies.get(record.policy)) for i, record in chosen]
+        return build_plan(pieces, self.forming_layers, self.profile.reference_position)
 
     def _observed_forward(self, index: int, forward: Any, first: bool, last: bool) -> Any:
         observe = self.detector.observe  # runs for every layer of every step: keep it lean
@@ -178,6 +212,8 @@ class VllmSinkRuntime:
                     start = time.perf_counter()
                     if inject is not None:
                         inject("layer")
+                    if self._plan.mlp and index in self._plan.mlp:  # edits land before the detector reads them
+                        self._applied(apply_mlp_edits(index, output[0], self._plan, self.rules[index]))
                     observe(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
                     self._elapsed += time.perf_counter() - start
                     if last:
@@ -202,6 +238,16 @@ class VllmSinkRuntime:
         self.total_seconds += self._elapsed
         if self.metrics is not None:
             self.metrics.detector_seconds.labels(self.model_name).observe(self._elapsed)
+
+    def _applied(self, applied: list[AppliedEdit]) -> None:
+        request_ids = self._layout[1]
+        for edit in applied:
+            kind = edit.intervention.kind
+            if self.record:
+                for request, position in zip(edit.requests.tolist(), edit.positions.tolist()):
+                    self.tracker.live[request_ids[request]].add_intervention(kind, edit.layer, position)
+            if self.metrics is not None:
+                self.metrics.interventions_applied.labels(self.model_name, edit.policy, kind).inc(len(edit.positions))
 
     # -- faults -------------------------------------------------------------------------------
     def _fault(self, stage: str, exc: Exception) -> None:
@@ -270,7 +316,10 @@ class VllmSinkRuntime:
         state = self.runner.requests.get(request_id)
         prompt_len = len(state.prompt_token_ids or ()) if state is not None else 0
         extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
-        return self.tracker.get(request_id, extra, prompt_len)
+        record = self.tracker.get(request_id, extra, prompt_len)
+        name = record.options.policy or self.policies.default
+        record.policy = name if name == NO_POLICY or name in self.policies.names else NO_POLICY  # checked at the API
+        return record
 
     def _on_retire(self, _record: Any) -> None:
         if self.metrics is not None:
