@@ -79,6 +79,16 @@ class PolicySet(StrictModel):
         return [p.name for p in self.policies]
 
 
+def refuse_unapplied(policies: PolicySet, families: tuple[str, ...] = ("mlp",)) -> None:
+    """ConfigError naming any intervention an engine cannot apply yet, instead of a silent no-op."""
+    for policy in policies.policies:
+        for spec in policy.interventions:
+            if spec.family not in families:
+                available = ", ".join(k for k, c in INTERVENTIONS.items() if c.family in families)
+                raise ConfigError(f"policy {policy.name!r}: {spec.kind} is not applied by the engines yet "
+                                  f"(available: {available})")
+
+
 def load_policies(path: Path | str) -> PolicySet:
     """Read a YAML or JSON policy file; ConfigError names the bad field."""
     import yaml

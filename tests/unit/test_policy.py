@@ -74,3 +74,12 @@ def test_mlp_arithmetic():
     mixed = torch.cat([rows[:2], torch.randn(3, 16)])
     assert formation_rows(mixed, direction, median_norm=4.0, min_ratio=3.0, cos_threshold=0.9).tolist() == [
         True, True, False, False, False]
+
+
+def test_interventions_no_engine_applies_yet_are_refused_not_ignored(tmp_path):
+    from sinkguard.policy import refuse_unapplied
+
+    path = tmp_path / "p.yaml"
+    path.write_text("policies:\n  - name: act\n    interventions:\n      - {kind: attention_redistribution}\n")
+    with pytest.raises(ConfigError, match="policy 'act': attention_redistribution is not applied by the engines yet"):
+        refuse_unapplied(load_policies(path))

@@ -111,3 +111,17 @@ def test_engine_accepts_the_float32_profile_for_the_same_weights_in_bfloat16(hf_
     """vLLM CPU's default dtype rounds every weight to bfloat16: same weights at another precision."""
     proc = start_engine(hf_model.source.path, serve_config, dtype="bfloat16")
     assert proc.returncode == 0 and "STARTED" in proc.stdout, proc.stdout[-3000:]
+
+
+def test_invalid_policy_file_fails_start_up_naming_the_field(tmp_path, monkeypatch):
+    policies = tmp_path / "policies.yaml"
+    policies.write_text("policies:\n  - name: clamp\n    interventions:\n"
+                        "      - {kind: mlp_norm_clamp, relative_norm: -1}\n")
+    config = tmp_path / "serve.json"
+    config.write_text(json.dumps({"profile": "p", "policies": str(policies)}))
+    monkeypatch.setenv("SINKGUARD_CONFIG", str(config))
+    with pytest.raises(ConfigError, match="relative_norm"):
+        enabled_config()
+    policies.write_text("default: act\npolicies: []\n")
+    with pytest.raises(ConfigError, match="default policy 'act' is not defined"):
+        enabled_config()

@@ -50,12 +50,14 @@ def enabled_config() -> ServeConfig | None:
 
 def serve_policies(config: ServeConfig | None) -> Any:
     """The deployment's policy set (only ``none`` without a policy file)."""
-    from sinkguard.policy import PolicySet, load_policies
+    from sinkguard.policy import PolicySet, load_policies, refuse_unapplied
 
     if config is None or config.policies is None:
         return PolicySet()
     try:
-        return load_policies(config.policies)
+        policies = load_policies(config.policies)
+        refuse_unapplied(policies)
+        return policies
     except ConfigError as exc:
         raise ConfigError(f"policies ({config.policies}): {exc}") from None
 
