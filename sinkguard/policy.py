@@ -16,6 +16,7 @@ The policy ``none`` always exists and does nothing.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +80,9 @@ class PolicySet(StrictModel):
         return [p.name for p in self.policies]
 
 
-def refuse_unapplied(policies: PolicySet, families: tuple[str, ...] = ("mlp",)) -> None:
+def refuse_unapplied(policies: Iterable[Policy], families: tuple[str, ...] = ("mlp",)) -> None:
     """ConfigError naming any intervention an engine cannot apply yet, instead of a silent no-op."""
-    for policy in policies.policies:
+    for policy in policies:
         for spec in policy.interventions:
             if spec.family not in families:
                 available = ", ".join(k for k, c in INTERVENTIONS.items() if c.family in families)

@@ -145,19 +145,21 @@ class RequestTracker:
         """The live record of ``request_id``, created (options parsed once) on first sight."""
         record = self.live.get(request_id)
         if record is None:
-            record = self.live[request_id] = self._new_record(request_id, extra_args, prompt_tokens)
-            for name in client_ids(request_id)[1]:
+            sample, names = client_ids(request_id)
+            record = self.live[request_id] = self._new_record(request_id, extra_args, prompt_tokens, sample)
+            for name in names:
                 self._by_client_id.setdefault(name, set()).add(request_id)
         return record
 
-    def _new_record(self, request_id: str, extra_args: dict[str, Any] | None, prompt_tokens: int) -> RequestRecord:
+    def _new_record(self, request_id: str, extra_args: dict[str, Any] | None, prompt_tokens: int,
+                    sample: int) -> RequestRecord:
         try:
             options = RequestOptions.from_extra_args(extra_args)
         except Exception:  # validated at the API server; never fail a batch in the worker
             options = RequestOptions()
         if options.max_events > self.max_events_cap:
             options = options.model_copy(update={"max_events": self.max_events_cap})
-        return RequestRecord(request_id, options, prompt_tokens=prompt_tokens, sample_index=client_ids(request_id)[0])
+        return RequestRecord(request_id, options, prompt_tokens=prompt_tokens, sample_index=sample)
 
     def retire_missing(self, running: Container[str], on_retire: Callable[[RequestRecord], None] | None = None) -> None:
         """Move records of requests the engine no longer runs (finished or aborted) to the store."""

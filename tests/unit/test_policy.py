@@ -82,4 +82,4 @@ def test_interventions_no_engine_applies_yet_are_refused_not_ignored(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("policies:\n  - name: act\n    interventions:\n      - {kind: attention_redistribution}\n")
     with pytest.raises(ConfigError, match="policy 'act': attention_redistribution is not applied by the engines yet"):
-        refuse_unapplied(load_policies(path))
+        refuse_unapplied(load_policies(path).policies)

@@ -17,14 +17,14 @@ import torch
 
 from sinkguard.architectures import mlp_output_module
 from sinkguard.core.plan import AppliedEdit, RequestSlice, StepPlan, apply_mlp_edits, build_plan, formation_rules
-from sinkguard.policy import NO_POLICY, Policy, PolicySet, refuse_unapplied
+from sinkguard.policy import Policy, refuse_unapplied
 
 
 class HFIntervention:
     """The state of one request's run under a policy: its plan per call and what fired."""
 
     def __init__(self, policy: Policy, prompt_tokens: int, profile: Any) -> None:
-        refuse_unapplied(PolicySet(policies=[policy]) if policy.name != NO_POLICY else PolicySet())
+        refuse_unapplied([policy])
         self.policy = policy
         self.prompt_tokens = prompt_tokens
         self.rules = formation_rules(profile)

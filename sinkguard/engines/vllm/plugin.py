@@ -50,16 +50,22 @@ def enabled_config() -> ServeConfig | None:
 
 def serve_policies(config: ServeConfig | None) -> Any:
     """The deployment's policy set (only ``none`` without a policy file)."""
-    from sinkguard.policy import PolicySet, load_policies, refuse_unapplied
+    from sinkguard.policy import PolicySet
 
-    if config is None or config.policies is None:
-        return PolicySet()
+    return PolicySet() if config is None or config.policies is None else _policy_file(config.policies)
+
+
+@functools.lru_cache(maxsize=4)
+def _policy_file(path: str) -> Any:
+    """Read and check a policy file once per process (start-up validation and the runtime share it)."""
+    from sinkguard.policy import load_policies, refuse_unapplied
+
     try:
-        policies = load_policies(config.policies)
-        refuse_unapplied(policies)
+        policies = load_policies(path)
+        refuse_unapplied(policies.policies)
         return policies
     except ConfigError as exc:
-        raise ConfigError(f"policies ({config.policies}): {exc}") from None
+        raise ConfigError(f"policies ({path}): {exc}") from None
 
 
 TRUSTED_STATUSES = ("validated", "no_secondary_sinks")
