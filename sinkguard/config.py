@@ -187,8 +187,8 @@ def validate_config(model: type[StrictModel], data: Any) -> Any:
 class FaultInjection(StrictModel):
     """Chaos testing of the fail-open path: raise inside the detector on purpose."""
 
-    stage: Literal["step_start", "layer", "step_end"] = "layer"
-    """Where: before the first layer, after a layer's forward, or in the end-of-step detection."""
+    stage: Literal["step_start", "layer", "intervention", "step_end"] = "layer"
+    """Where: before the first layer, after a layer's forward, in an attention edit, or in the end-of-step detection."""
     every_steps: int = Field(1, ge=1)
     """On every n-th engine step."""
 

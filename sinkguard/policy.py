@@ -80,14 +80,16 @@ class PolicySet(StrictModel):
         return [p.name for p in self.policies]
 
 
-def refuse_unapplied(policies: Iterable[Policy], families: tuple[str, ...] = ("mlp",)) -> None:
-    """ConfigError naming any intervention an engine cannot apply yet, instead of a silent no-op."""
+def check_scope(policies: Iterable[Policy], num_layers: int, num_heads: int) -> None:
+    """ConfigError naming any layer or head a policy names that the model does not have."""
     for policy in policies:
         for spec in policy.interventions:
-            if spec.family not in families:
-                available = ", ".join(k for k, c in INTERVENTIONS.items() if c.family in families)
-                raise ConfigError(f"policy {policy.name!r}: {spec.kind} is not applied by the engines yet "
-                                  f"(available: {available})")
+            layers = [x for x in spec.layers or () if x >= num_layers]
+            heads = [x for x in getattr(spec, "heads", None) or () if x >= num_heads]
+            if layers or heads:
+                what = f"layers {layers} (the model has {num_layers})" if layers else \
+                    f"heads {heads} (the model has {num_heads} query heads)"
+                raise ConfigError(f"policy {policy.name!r}: {spec.kind} names {what}")
 
 
 def load_policies(path: Path | str) -> PolicySet:

@@ -4,7 +4,8 @@ An engine step carries N tokens of several requests, each with its own policy. :
 turns ``(request slices, policies)`` into, per layer, the edits to apply: which rows of the
 flattened batch, which intervention, whether the formation signal still has to pick the rows
 in the forward pass. Requests sharing a policy share one edit (their rows concatenated). Layer
-code only reads the plan (:func:`apply_mlp_edits`); an empty plan (no request with a policy)
+code only reads the plan (:func:`edit_mlp_output` after a layer's MLP, :func:`apply_attention_edits`
+after its attention kernel); an empty plan (no request with a policy)
 costs one dict lookup per layer. The same plan object drives both engines: the transformers
 adapter builds it for one sequence, the vLLM adapter for each continuous-batching step (and, in
 compiled mode, the plan is what gets copied into persistent tables).
@@ -12,13 +13,24 @@ compiled mode, the plan is what gets copied into persistent tables).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from sinkguard.core.interventions import InterventionSpec, MlpProjectionRemoval, formation_rows
+from sinkguard.core.attention_edits import (
+    AttentionEdit,
+    SinkMemory,
+    Watch,
+    edit_targets,
+    redistribute,
+    watch_formations,
+)
+from sinkguard.core.interventions import AttentionRedistribution, InterventionSpec, MlpProjectionRemoval, formation_rows
 from sinkguard.policy import Policy
+
+AttentionContext = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -31,6 +43,7 @@ class RequestSlice:
     first_position: int
     prompt_tokens: int
     policy: Policy
+    key: Hashable = 0  # the request's identity across steps (its engine request id)
 
 
 @dataclass
@@ -59,10 +72,14 @@ class FormationRule:
 @dataclass
 class StepPlan:
     mlp: dict[int, list[MlpEdit]] = field(default_factory=dict)
+    attention: dict[int, list[AttentionEdit]] = field(default_factory=dict)
+    watches: list[Watch] = field(default_factory=list)
+    """Requests whose secondary sinks are tracked (ACT): checked at ``watch_layers``."""
+    watch_layers: frozenset[int] = frozenset()
 
     @property
     def empty(self) -> bool:
-        return not self.mlp
+        return not (self.mlp or self.attention or self.watches)
 
 
 EMPTY_PLAN = StepPlan()
@@ -80,15 +97,19 @@ def _phase_rows(piece: RequestSlice, phases: list[str]) -> np.ndarray:
     return rows[keep]
 
 
-def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_position: int = 0) -> StepPlan:
+def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_position: int = 0,
+               num_layers: int | None = None) -> StepPlan:
     """The step's plan for requests ``pieces`` (requests without interventions add nothing). The
-    primary sink (``primary_position``, the profile's reference) is never edited: it forms at an
-    early MLP too, and the formation signal would pick it."""
+    primary sink (``primary_position``, the profile's reference) is never edited by an MLP edit: it
+    forms at an early MLP too, and the formation signal would pick it. Attention edits without
+    ``layers`` act in every layer (``num_layers``)."""
     grouped: dict[tuple[int, str, int], list[tuple[RequestSlice, np.ndarray]]] = {}
     specs: dict[tuple[int, str, int], InterventionSpec] = {}
+    plan = StepPlan()
     for piece in pieces:
         for number, spec in enumerate(piece.policy.interventions):
-            if spec.family != "mlp":
+            if spec.family == "attention":
+                _plan_attention(plan, piece, spec, num_layers)
                 continue
             rows = _phase_rows(piece, spec.phases)
             if rows.size == 0:
@@ -97,7 +118,8 @@ def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_po
                 key = (layer, piece.policy.name, number)
                 grouped.setdefault(key, []).append((piece, rows))
                 specs[key] = spec
-    plan = StepPlan()
+    if plan.watches:
+        plan.watch_layers = frozenset(forming_layers)
     for key, parts in grouped.items():
         spec = specs[key]
         rows = np.concatenate([r for _, r in parts])
@@ -113,6 +135,21 @@ def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_po
     return plan
 
 
+def _plan_attention(plan: StepPlan, piece: RequestSlice, spec: InterventionSpec, num_layers: int | None) -> None:
+    if isinstance(spec, AttentionRedistribution) and not any(w.request == piece.index for w in plan.watches):
+        # its sinks are tracked whatever the phase: a prompt's sinks steer its decode steps
+        plan.watches.append(Watch(piece.index, piece.key, piece.start, piece.end, piece.first_position))
+    rows = _phase_rows(piece, spec.phases)  # consecutive: prefill rows precede decode rows
+    if rows.size == 0:
+        return
+    if spec.layers is None and num_layers is None:
+        raise ValueError(f"{spec.kind} without layers needs the model's number of layers")
+    first_position = piece.first_position + int(rows[0]) - piece.start
+    for layer in spec.layers if spec.layers is not None else range(num_layers):
+        plan.attention.setdefault(layer, []).append(AttentionEdit(
+            spec, piece.policy.name, piece.index, piece.key, int(rows[0]), int(rows[-1]) + 1, first_position))
+
+
 @dataclass
 class AppliedEdit:
     """What one edit did at one layer: the rows it changed (for records and metrics)."""
@@ -122,6 +159,45 @@ class AppliedEdit:
     policy: str
     requests: np.ndarray
     positions: np.ndarray
+    """MLP edits: the edited tokens; attention edits: the sink keys whose attention was scaled."""
+    edited_rows: int = 0
+    """Attention edits: the queries whose output changed (0 for MLP edits: one per position)."""
+
+    @property
+    def count(self) -> int:
+        """Token edits at this layer (the metric's unit)."""
+        return self.edited_rows or len(self.positions)
+
+
+def edit_mlp_output(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: FormationRule, memory: SinkMemory,
+                    primary_position: int) -> list[AppliedEdit]:
+    """What both engines do with a layer's MLP output ``mlp_out`` [N, d]: remember the watched
+    requests' newly formed sinks (read before any edit), then apply the planned MLP edits in place."""
+    if layer in plan.watch_layers:
+        watch_formations(layer, mlp_out, plan.watches, rule, memory, primary_position)
+    return apply_mlp_edits(layer, mlp_out, plan, rule)
+
+
+def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primary_position: int, scale: float,
+                          window: int | None, context: Callable[[AttentionEdit], AttentionContext]
+                          ) -> list[AppliedEdit]:
+    """Apply the planned attention edits at ``layer``. ``context(edit)`` gives the request's
+    ``(query [Q,H,D], keys [K,Hkv,D], values, query positions [Q], output view [Q,H,D])`` the way
+    its engine stores them; the arithmetic is the same for both (:func:`redistribute`)."""
+    edits = plan.attention.get(layer)
+    if not edits:
+        return []
+    applied = []
+    for edit in edits:
+        targets = edit_targets(edit, layer, memory, primary_position)
+        if targets.size == 0:
+            continue
+        query, keys, values, positions, out = context(edit)
+        changed = redistribute(edit.intervention, query, keys, values, positions, targets, scale, window, out)
+        if changed:
+            applied.append(AppliedEdit(layer, edit.intervention, edit.policy, np.full(targets.shape, edit.request),
+                                       targets, changed))
+    return applied
 
 
 def apply_mlp_edits(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: FormationRule) -> list[AppliedEdit]:

@@ -63,6 +63,7 @@ class RequestRecord:
     policy: str = "none"
     interventions: list[dict[str, Any]] = field(default_factory=list)  # edits that fired (bounded like events)
     interventions_applied: Counter = field(default_factory=Counter)  # by intervention kind
+    _listed: set = field(default_factory=set, repr=False)  # (kind, layer, position) already in interventions
     kinds: Counter = field(default_factory=Counter)
     finished: bool = False
     finished_at: float = 0.0
@@ -93,9 +94,13 @@ class RequestRecord:
         record["phase"] = phase
         self.events.append(record)
 
-    def add_intervention(self, kind: str, layer: int, position: int) -> None:
-        self.interventions_applied[kind] += 1
-        if len(self.interventions) < self.options.max_events:
+    def add_intervention(self, kind: str, layer: int, position: int, count: int = 1) -> None:
+        """An edit at ``layer`` on ``position`` (MLP: the edited token; attention: the sink key whose
+        attention was scaled), counted ``count`` times and listed once."""
+        self.interventions_applied[kind] += count
+        entry = (kind, layer, position)
+        if entry not in self._listed and len(self.interventions) < self.options.max_events:
+            self._listed.add(entry)
             self.interventions.append({"intervention": kind, "layer": layer, "position": position})
 
     @property

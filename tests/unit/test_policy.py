@@ -76,10 +76,15 @@ def test_mlp_arithmetic():
         True, True, False, False, False]
 
 
-def test_interventions_no_engine_applies_yet_are_refused_not_ignored(tmp_path):
-    from sinkguard.policy import refuse_unapplied
+def test_layers_and_heads_the_model_does_not_have_are_refused_by_name(tmp_path):
+    from sinkguard.policy import check_scope
 
     path = tmp_path / "p.yaml"
-    path.write_text("policies:\n  - name: act\n    interventions:\n      - {kind: attention_redistribution}\n")
-    with pytest.raises(ConfigError, match="policy 'act': attention_redistribution is not applied by the engines yet"):
-        refuse_unapplied(load_policies(path).policies)
+    path.write_text("policies:\n  - name: act\n    interventions:\n"
+                    "      - {kind: attention_redistribution, layers: [3], heads: [0, 9]}\n")
+    policies = load_policies(path).policies
+    check_scope(policies, num_layers=30, num_heads=10)
+    with pytest.raises(ConfigError, match=r"'act': attention_redistribution names heads \[9\] \(the model has 9"):
+        check_scope(policies, num_layers=30, num_heads=9)
+    with pytest.raises(ConfigError, match=r"names layers \[3\] \(the model has 3\)"):
+        check_scope(policies, num_layers=3, num_heads=9)

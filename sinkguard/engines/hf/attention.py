@@ -4,7 +4,9 @@
 :class:`AttentionRecorder` is active (a context variable, so concurrent scans do not mix), the
 layer runs :func:`~sinkguard.core.attention.attention_with_received_mass` and hands the received
 mass to the recorder; otherwise it defers to SDPA, so a model loaded this way behaves exactly
-like a normal one outside a scan.
+like a normal one outside a scan. While a policy is applied (``intervening_attention``, see
+``engines/hf/interventions.py``) the layer's output gets the planned attention edits, and a scan
+records the attention mass *after* them.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ class AttentionRecorder:
 _active: contextvars.ContextVar[AttentionRecorder | None] = contextvars.ContextVar(
     "sinkguard_attention_recorder", default=None
 )
+_intervention: contextvars.ContextVar[Any] = contextvars.ContextVar("sinkguard_attention_intervention", default=None)
+
+
+@contextmanager
+def intervening_attention(state: Any) -> Iterator[Any]:
+    """Route every attention call through ``state.attend`` (an HFIntervention) inside the block."""
+    token = _intervention.set(state)
+    try:
+        yield state
+    finally:
+        _intervention.reset(token)
 
 
 @contextmanager
@@ -119,6 +132,23 @@ def sinkguard_attention_forward(
 ) -> tuple[torch.Tensor, None]:
     recorder = _active.get()
     variant = attention_variant(module, kwargs)
+    state = _intervention.get()
+    if state is not None and module.layer_idx in state.plan.attention:
+        if variant.softcap is not None or variant.sink_logits is not None:
+            raise ModelLoadError(f"{type(module).__name__} soft-caps its logits or has learned sink logits: "
+                                 "sinkguard's attention interventions do not model them")
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        output, weights = _attention(module, query, key, value, attention_mask, scaling, dropout, recorder, variant,
+                                     state.probability_transform(module.layer_idx, variant.sliding_window),
+                                     **kwargs)
+        return state.attend(module.layer_idx, query, key, value, output, scale, variant.sliding_window), weights
+    return _attention(module, query, key, value, attention_mask, scaling, dropout, recorder, variant, None, **kwargs)
+
+
+def _attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               attention_mask: torch.Tensor | None, scaling: float | None, dropout: float,
+               recorder: AttentionRecorder | None, variant: AttentionVariant, transform: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, None]:
     if recorder is None or query.shape[2] != key.shape[2]:
         # Not scanning, or decoding with a cache: the model's own attention. SDPA cannot soft-cap
         # or add sink logits, so such layers run the eager function of their own modeling module.
@@ -131,7 +161,7 @@ def sinkguard_attention_forward(
     refuse_unsupported(module, kwargs)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     output, received = attention_with_received_mass(query, key, value, scale, chunk=recorder.chunk,
-                                                    variant=variant, mask=attention_mask)
+                                                    transform=transform, variant=variant, mask=attention_mask)
     recorder.record(module.layer_idx, received, variant.sliding_window)
     # transformers expects [B, T, H, d] from attention functions.
     return output.transpose(1, 2).contiguous(), None

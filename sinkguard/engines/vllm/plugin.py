@@ -58,12 +58,10 @@ def serve_policies(config: ServeConfig | None) -> Any:
 @functools.lru_cache(maxsize=4)
 def _policy_file(path: str) -> Any:
     """Read and check a policy file once per process (start-up validation and the runtime share it)."""
-    from sinkguard.policy import load_policies, refuse_unapplied
+    from sinkguard.policy import load_policies
 
     try:
-        policies = load_policies(path)
-        refuse_unapplied(policies.policies)
-        return policies
+        return load_policies(path)
     except ConfigError as exc:
         raise ConfigError(f"policies ({path}): {exc}") from None
 
@@ -88,6 +86,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
     from sinkguard.engines.vllm.settings import check_engine_settings
+    from sinkguard.policy import check_scope
     from sinkguard.profile import SinkProfile
 
     vllm_config = runner.vllm_config
@@ -106,7 +105,12 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     info = vllm_model_info(runner.model, vllm_config.model_config.hf_config, profile.model.name,
                            sample_projections=rank == 0)  # other ranks hold other projection slices
     profile.check_model(info)
-    runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=serve_policies(config))
+    policies = serve_policies(config)
+    try:
+        check_scope(policies.policies, profile.model.num_layers, profile.model.num_heads)
+    except ConfigError as exc:
+        raise ConfigError(f"policies ({config.policies}): {exc}") from None
+    runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=policies)
     runtime.install()
     setattr(runner, _RUNTIME_ATTR, runtime)
     logger.info("sinkguard: detector installed (profile %s, window layers %s)", config.profile,

@@ -33,6 +33,7 @@ import torch
 
 from sinkguard.architectures import contract_for_config, decoder_layers
 from sinkguard.config import ServeConfig
+from sinkguard.core.attention_edits import AttentionEdit, SinkMemory
 from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
 from sinkguard.core.plan import (
@@ -40,10 +41,12 @@ from sinkguard.core.plan import (
     AppliedEdit,
     RequestSlice,
     StepPlan,
-    apply_mlp_edits,
+    apply_attention_edits,
     build_plan,
+    edit_mlp_output,
     formation_rules,
 )
+from sinkguard.errors import ConfigError
 from sinkguard.policy import NO_POLICY, PolicySet
 from sinkguard.profile import SinkProfile
 from sinkguard.serving.faults import FaultGuard, FaultInjector
@@ -96,6 +99,10 @@ class VllmSinkRuntime:
         self.policies = PolicySet() if policies is None else policies
         self.rules = formation_rules(profile)
         self.forming_layers = [f.layer for f in profile.meta.forming_layers]
+        self.primary_position = profile.reference_position
+        self.memory = SinkMemory()  # per request: its secondary sinks so far (attention edits target them)
+        self.edits_attention = any(spec.family == "attention" for p in self.policies.policies
+                                   for spec in p.interventions)
         self._plan = EMPTY_PLAN
         self.guard = FaultGuard(config.fault_limit, config.fail_closed, on_fault=self._on_fault)
         self.injector = FaultInjector(config.fault_injection)
@@ -109,7 +116,7 @@ class VllmSinkRuntime:
         self._input_ids: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._elapsed = 0.0
-        self._wrapped: list[tuple[torch.nn.Module, Any]] = []  # (layer, its previous instance forward)
+        self._wrapped: list[tuple[Any, Any]] = []  # (layer or attention impl, its previous instance forward)
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> None:
@@ -122,9 +129,13 @@ class VllmSinkRuntime:
         # The persistent buffer exists before vLLM measures memory and sizes the KV cache.
         self.detector.allocate(next(self.runner.model.parameters()).device)
         last = len(layers) - 1
+        attention = self._attention_layers(layers) if self.edits_attention else []
         for index, layer in enumerate(layers):
             self._wrapped.append((layer, layer.__dict__.get("forward")))
             layer.forward = self._observed_forward(index, layer.forward, first=index == 0, last=index == last)
+        for index, attn in attention:  # only when a configured policy edits attention: otherwise no cost at all
+            self._wrapped.append((attn.impl, attn.impl.__dict__.get("forward")))
+            attn.impl.forward = self._edited_attention(index, attn.impl.forward)
         self.removed_reason = None
         self.guard.rearm()
 
@@ -140,6 +151,31 @@ class VllmSinkRuntime:
     @property
     def installed(self) -> bool:
         return bool(self._wrapped)
+
+    def _attention_layers(self, layers: list[torch.nn.Module]) -> list[tuple[int, Any]]:
+        """Each decoder layer's vLLM attention module, checked for what attention edits can honour."""
+        from vllm.model_executor.layers.attention.attention import Attention
+
+        from sinkguard.engines.vllm.kv_cache import PagedKvReader
+
+        found = []
+        for index, layer in enumerate(layers):
+            modules = [m for m in layer.modules() if isinstance(m, Attention)]
+            if len(modules) != 1:
+                raise ConfigError(f"attention interventions: decoder layer {index} has {len(modules)} vLLM attention "
+                                  "modules, expected one")
+            attn = modules[0]
+            impl = attn.impl
+            for name, unsupported in (("logits_soft_cap", bool(getattr(impl, "logits_soft_cap", 0) or 0)),
+                                      ("sinks", getattr(impl, "sinks", None) is not None),
+                                      ("alibi_slopes", getattr(impl, "alibi_slopes", None) is not None)):
+                if unsupported:
+                    raise ConfigError(f"attention interventions do not model {name} (layer {index}, "
+                                      f"{type(impl).__name__}); remove attention_redistribution/first_token_scaling "
+                                      "from the policies for this model")
+            attn._sinkguard_reader = PagedKvReader(attn)
+            found.append((index, attn))
+        return found
 
     # -- observers ----------------------------------------------------------------------------
     def _batch_layout(self) -> tuple[np.ndarray, list[str]] | None:
@@ -193,8 +229,8 @@ class VllmSinkRuntime:
             return EMPTY_PLAN
         firsts = self._positions[torch.from_numpy(query_start[:-1]).to(self._positions.device)].tolist()
         pieces = [RequestSlice(i, int(query_start[i]), int(query_start[i + 1]), int(firsts[i]), record.prompt_tokens,
-                               self.policies.get(record.policy)) for i, record in chosen]
-        return build_plan(pieces, self.forming_layers, self.profile.reference_position)
+                               self.policies.get(record.policy), request_ids[i]) for i, record in chosen]
+        return build_plan(pieces, self.forming_layers, self.primary_position, len(self.rules))
 
     def _observed_forward(self, index: int, forward: Any, first: bool, last: bool) -> Any:
         observe = self.detector.observe  # runs for every layer of every step: keep it lean
@@ -212,8 +248,9 @@ class VllmSinkRuntime:
                     start = time.perf_counter()
                     if inject is not None:
                         inject("layer")
-                    if self._plan.mlp and index in self._plan.mlp:  # edits land before the detector reads them
-                        self._applied(apply_mlp_edits(index, output[0], self._plan, self.rules[index]))
+                    if not self._plan.empty:  # edits land before the detector reads them
+                        self._applied(edit_mlp_output(index, output[0], self._plan, self.rules[index], self.memory,
+                                                      self.primary_position))
                     observe(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
                     self._elapsed += time.perf_counter() - start
                     if last:
@@ -223,6 +260,43 @@ class VllmSinkRuntime:
             return output
 
         return observed_forward
+
+    def _edited_attention(self, index: int, forward: Any) -> Any:
+        """Wrap one attention implementation's ``forward``: after its kernel, the planned edits
+        overwrite the edited heads of the edited requests' queries (float32, from the paged cache)."""
+        inject = self.injector.maybe_raise if self.injector.injection is not None else None
+
+        def edited_forward(layer: Any, query: torch.Tensor, key: Any, value: Any, kv_cache: torch.Tensor,
+                           attn_metadata: Any, output: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            result = forward(layer, query, key, value, kv_cache, attn_metadata, output, *args, **kwargs)
+            if self._active and index in self._plan.attention and attn_metadata is not None:
+                try:
+                    start = time.perf_counter()
+                    if inject is not None:
+                        inject("intervention")
+                    self._applied(self._attend(index, layer, query, kv_cache, attn_metadata, output))
+                    self._elapsed += time.perf_counter() - start
+                except Exception as exc:
+                    self._fault("intervention", exc)
+            return result
+
+        return edited_forward
+
+    def _attend(self, index: int, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any,
+                output: torch.Tensor) -> list[AppliedEdit]:
+        impl = layer.impl
+        reader = layer._sinkguard_reader
+        out = output.view(output.shape[0], impl.num_heads, -1)
+        seq_lens = metadata.seq_lens.cpu()
+        window = impl.sliding_window if impl.sliding_window and impl.sliding_window > 0 else None
+
+        def context(edit: AttentionEdit):
+            keys, values = reader.read(kv_cache, metadata.block_table[edit.request], int(seq_lens[edit.request]))
+            positions = torch.arange(edit.first_position, edit.first_position + edit.end - edit.start)
+            return query[edit.start:edit.end], keys, values, positions, out[edit.start:edit.end]
+
+        return apply_attention_edits(index, self._plan, self.memory, self.primary_position, impl.scale, window,
+                                     context)
 
     def _on_step_end(self) -> None:
         start = time.perf_counter()
@@ -244,10 +318,12 @@ class VllmSinkRuntime:
         for edit in applied:
             kind = edit.intervention.kind
             if self.record:
-                for request, position in zip(edit.requests.tolist(), edit.positions.tolist()):
-                    self.tracker.live[request_ids[request]].add_intervention(kind, edit.layer, position)
+                counts = [edit.count] + [0] * (len(edit.positions) - 1) if edit.edited_rows else None
+                for n, (request, position) in enumerate(zip(edit.requests.tolist(), edit.positions.tolist())):
+                    self.tracker.live[request_ids[request]].add_intervention(
+                        kind, edit.layer, position, counts[n] if counts else 1)
             if self.metrics is not None:
-                self.metrics.interventions_applied.labels(self.model_name, edit.policy, kind).inc(len(edit.positions))
+                self.metrics.interventions_applied.labels(self.model_name, edit.policy, kind).inc(edit.count)
 
     # -- faults -------------------------------------------------------------------------------
     def _fault(self, stage: str, exc: Exception) -> None:
@@ -321,7 +397,8 @@ class VllmSinkRuntime:
         record.policy = name if name == NO_POLICY or name in self.policies.names else NO_POLICY  # checked at the API
         return record
 
-    def _on_retire(self, _record: Any) -> None:
+    def _on_retire(self, record: Any) -> None:
+        self.memory.forget(record.request_id)
         if self.metrics is not None:
             self.metrics.requests_finished.labels(self.model_name).inc()
 

@@ -1,0 +1,104 @@
+"""Read one request's keys and values back from vLLM's paged KV cache, whatever the backend packs.
+
+Attention interventions recompute a request's attention at one layer, so they need the keys and
+values of every earlier token, which live only in the paged cache. vLLM 0.32 gives each layer a
+logical view ``[num_blocks, num_kv_heads, block_size, content]`` (``vllm/v1/kv_cache_layout.py``),
+but what a backend writes inside a block is its own business: the CPU backend stores keys
+transposed (float32, "vec") or VNNI-packed (bfloat16 on AMX hosts), GPU backends split K and V.
+Rather than hard-coding any of that, :class:`PagedKvReader` asks the backend: it writes known
+values through the layer's own ``impl.do_kv_cache_update`` into a two-block scratch cache and reads
+where each ``(kv head, token, dim)`` of K and of V landed. Identifiers are written base 16, one
+digit per pass, so every value is a small integer that any float format stores exactly. The map
+must be the same in both scratch blocks and cover every element once, else the reader refuses.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from sinkguard.errors import ConfigError
+
+_BASE = 16
+
+
+class PagedKvReader:
+    """Gathers ``[tokens, Hkv, D]`` keys and values of one request from one layer's paged cache."""
+
+    def __init__(self, attention_layer: Any) -> None:
+        self.layer = attention_layer
+        impl = attention_layer.impl
+        dtype = str(getattr(impl, "kv_cache_dtype", "auto"))
+        if dtype not in ("auto", "float32", "float16", "bfloat16", "float", "half"):
+            raise ConfigError(f"attention interventions need an unquantized KV cache, not kv_cache_dtype={dtype!r}: "
+                              "serve with --kv-cache-dtype auto")
+        self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``num_tokens`` keys and values of the request whose block table row is ``block_ids``."""
+        key_map, value_map = self._map_for(kv_cache)
+        block_size = kv_cache.shape[2]
+        blocks = block_ids[: math.ceil(num_tokens / block_size)].to(device=kv_cache.device, dtype=torch.long)
+        region = kv_cache.index_select(0, blocks).reshape(blocks.numel(), -1)
+        heads = key_map.shape[0]
+
+        def gather(index: torch.Tensor) -> torch.Tensor:
+            picked = region.index_select(1, index.flatten()).view(blocks.numel(), heads, block_size, -1)
+            return picked.permute(0, 2, 1, 3).reshape(-1, heads, picked.shape[-1])[:num_tokens]
+
+        return gather(key_map), gather(value_map)
+
+    def _map_for(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        signature = (tuple(kv_cache.shape[1:]), kv_cache.dtype, kv_cache.device, getattr(self.layer, "isa", None))
+        if signature not in self._maps:
+            self._maps[signature] = self._derive(kv_cache)
+        return self._maps[signature]
+
+    def _derive(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(key_map, value_map)`` [Hkv, block_size, D]: each element's flat offset in a block."""
+        _, heads, block_size, _ = kv_cache.shape
+        impl = self.layer.impl
+        head_dim = int(impl.head_size)
+        value_dim = int(getattr(impl, "head_size_v", head_dim) or head_dim)
+        slots = torch.arange(2 * block_size, device=kv_cache.device)
+        ids = torch.arange(heads * block_size, device=kv_cache.device).view(heads, block_size, 1)
+        key_ids = (ids * head_dim + torch.arange(head_dim, device=kv_cache.device)).permute(1, 0, 2)  # [bs, Hkv, D]
+        value_ids = (ids * value_dim + torch.arange(value_dim, device=kv_cache.device)).permute(1, 0, 2)
+        total = heads * block_size * max(head_dim, value_dim)
+        passes = max(1, math.ceil(math.log(total, _BASE)))
+        found_key = torch.zeros(2, kv_cache[0].numel(), dtype=torch.long, device=kv_cache.device)
+        found_value = torch.zeros_like(found_key)
+        written_key = torch.zeros(2, kv_cache[0].numel(), dtype=torch.bool, device=kv_cache.device)
+        written_value = torch.zeros_like(written_key)
+        for digit in range(passes):
+            for ids_, found, written, is_key in ((key_ids, found_key, written_key, True),
+                                                 (value_ids, found_value, written_value, False)):
+                payload = (ids_ // _BASE**digit) % _BASE + 1  # 1..16: 0 means "not written"
+                tokens = payload.repeat(2, 1, 1).to(kv_cache.dtype)  # both scratch blocks, same ids
+                zeros_k = torch.zeros(2 * block_size, heads, head_dim, dtype=kv_cache.dtype, device=kv_cache.device)
+                zeros_v = torch.zeros(2 * block_size, heads, value_dim, dtype=kv_cache.dtype, device=kv_cache.device)
+                scratch = torch.zeros((2, *kv_cache.shape[1:]), dtype=kv_cache.dtype, device=kv_cache.device)
+                impl.do_kv_cache_update(self.layer, tokens if is_key else zeros_k, zeros_v if is_key else tokens,
+                                        scratch, slots)
+                values = scratch.reshape(2, -1).round().long()
+                written |= values > 0
+                found += (values - 1).clamp_min(0) * _BASE**digit
+        return (self._invert(found_key, written_key, (heads, block_size, head_dim), "keys"),
+                self._invert(found_value, written_value, (heads, block_size, value_dim), "values"))
+
+    def _invert(self, found: torch.Tensor, written: torch.Tensor, shape: tuple[int, int, int], what: str
+                ) -> torch.Tensor:
+        count = shape[0] * shape[1] * shape[2]
+        offsets = written[0].nonzero().flatten()
+        ids = found[0, offsets]
+        backend = type(self.layer.impl).__name__
+        complete = offsets.numel() == count and torch.equal(ids.sort().values, torch.arange(count, device=ids.device))
+        if not (complete and torch.equal(written[0], written[1]) and torch.equal(found[0], found[1])):
+            raise ConfigError(f"sinkguard cannot read the {what} back from {backend}'s KV cache blocks (layout not "
+                              "recognised); attention interventions are not available with this backend")
+        index = torch.empty(count, dtype=torch.long, device=ids.device)
+        index[ids] = offsets
+        return index.view(shape)
