@@ -86,6 +86,8 @@ def scan(
     attention: Annotated[bool, typer.Option("--attention/--no-attention", help="Compute attention sink scores.")] = True,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write PNG figures.")] = True,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=2, help="Truncate prompts to this many tokens.")] = None,
+    policy: Annotated[Optional[str], typer.Option("--policy", help="Also scan with this policy applied (needs --policies and --profile): DIR/before, DIR/after, DIR/policy_effect.*")] = None,
+    policies: Annotated[Optional[Path], typer.Option("--policies", help="Policy file (YAML or JSON).")] = None,
 ) -> None:
     """Scan prompts for primary and secondary sinks; write DIR/report.json and figures."""
     from sinkguard.config import load_config
@@ -96,12 +98,50 @@ def scan(
     settings = load_config(config, max_tokens=max_tokens)
     if not attention:
         settings = settings.model_copy(update={"attention": settings.attention.model_copy(update={"enabled": False})})
+    chosen = _chosen_policy(policy, policies, profile, attention)
     loaded_profile = SinkProfile.load(profile) if profile is not None else None
     hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
     result = run_scan(hf_model, prompt_list, settings, profile=loaded_profile)
-    written = result.save(out, figures=figures)
+    written = result.save(out if chosen is None else out / "before", figures=figures)
     print_scan_summary(result, console)
+    if chosen is not None:
+        written += _scan_with_policy(hf_model, prompt_list, settings, loaded_profile, chosen, result, out, figures)
     console.print(f"wrote {', '.join(str(p) for p in written)}")
+
+
+def _chosen_policy(name: str | None, path: Path | None, profile: Path | None, attention: bool):
+    """The policy ``scan --policy`` applies; errors name the missing option."""
+    if name is None:
+        return None
+    if path is None or profile is None:
+        raise SinkguardError("--policy needs --policies FILE and --profile DIR (policies act through the profile)")
+    if not attention:
+        raise SinkguardError("--policy compares attention mass: drop --no-attention")
+    from sinkguard.policy import load_policies
+
+    return load_policies(path).get(name)
+
+
+def _scan_with_policy(hf_model, prompt_list, settings, profile, policy, before, out: Path, figures: bool) -> list[Path]:
+    import json
+
+    from sinkguard.effects import policy_effect
+    from sinkguard.scanner import prompt_token_ids
+    from sinkguard.scanner import scan as run_scan
+    from sinkguard.terminal import print_policy_effect
+
+    after = run_scan(hf_model, prompt_list, settings, profile=profile, policy=policy)
+    written = after.save(out / "after", figures=figures)
+    token_ids = [prompt_token_ids(hf_model, p, settings) for p in prompt_list]
+    effect = policy_effect(before, after, policy, hf_model, profile, held_out=token_ids)
+    (out / "policy_effect.json").write_text(json.dumps(effect.to_dict(), indent=2))
+    written.append(out / "policy_effect.json")
+    if figures:
+        from sinkguard.figures import policy_effect as effect_figure
+
+        written.append(effect_figure(effect, out / "policy_effect.png"))
+    print_policy_effect(effect, console)
+    return written
 
 
 @app.command()

@@ -7,6 +7,8 @@
 4. ``mass_by_layer.png``: mean sink score of the primary sink vs secondary sinks per layer.
 5. ``formation.png``: the forming MLP's output norm (relative to the median token) per layer,
    sink tokens vs all tokens, and the reference's hidden-norm ratio with the active window.
+6. ``policy_effect.png`` (``scan --policy``): attention mass on the baseline's secondary sinks by
+   layer, without and with the policy, side by side.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
+    from sinkguard.effects import PolicyEffect
     from sinkguard.report import PromptScan, ScanResult
 
 PRIMARY_COLOR = "#1f3b73"
@@ -188,3 +191,26 @@ def write_scan_figures(result: ScanResult, out_dir: Path) -> list[Path]:
         formation(result, out_dir / "formation.png"),
     ]
     return [p for p in made if p is not None]
+
+
+def policy_effect(effect: PolicyEffect, path: Path) -> Path:
+    """Secondary-sink attention mass by layer without and with a policy (same tokens)."""
+    plt = _plt()
+    before = np.array([np.nan if x is None else x for x in effect.mass_before], dtype=float)
+    after = np.array([np.nan if x is None else x for x in effect.mass_after], dtype=float)
+    layers = np.arange(len(before))
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    width = 0.4
+    ax.bar(layers - width / 2, np.nan_to_num(before), width, color=NOISE_COLOR, label="without policy")
+    ax.bar(layers + width / 2, np.nan_to_num(after), width, color=SECONDARY_COLOR, label=f"with '{effect.policy}'")
+    ax.set_xlabel("layer")
+    ax.set_ylabel("mean attention received")
+    flagged = f"{effect.still_flagged}/{effect.secondary_sinks} still flagged"
+    ppl = ("" if effect.perplexity_before is None else
+           f"; perplexity {effect.perplexity_before:.3f} -> {effect.perplexity_after:.3f}")
+    ax.set_title(f"secondary-sink mass by layer ({effect.prompts} prompts; {flagged}{ppl})", fontsize=8)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -29,6 +29,7 @@ from sinkguard.report import PromptScan, ScanResult
 
 if TYPE_CHECKING:
     from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.policy import Policy
     from sinkguard.profile import SinkProfile
 
 
@@ -57,10 +58,17 @@ def scan_prompt(
     profile: SinkProfile | None = None,
     index: int = 0,
     source: str = "",
+    policy: Policy | None = None,
 ) -> PromptScan:
-    """Trace and detect one prompt (per-prompt reference, or the profile's when given)."""
+    """Trace and detect one prompt (per-prompt reference, or the profile's when given), with
+    ``policy``'s interventions applied (they need the profile)."""
     if profile is None:
         trace = model.trace(token_ids, config.attention, reference_candidates=config.detector.reference_candidates)
+    elif policy is not None and policy.interventions:
+        from sinkguard.engines.hf.interventions import intervening
+
+        with intervening(model, policy, len(token_ids), profile):
+            trace = model.trace(token_ids, config.attention, reference_directions=profile.reference_hidden_tensor())
     else:
         trace = model.trace(token_ids, config.attention, reference_directions=profile.reference_hidden_tensor())
     return detect_prompt(trace, model.decode_tokens(token_ids), config, profile, index, source)
@@ -116,10 +124,14 @@ def scan(
     config: ScanConfig | None = None,
     profile: SinkProfile | None = None,
     progress: bool = True,
+    policy: Policy | None = None,
 ) -> ScanResult:
-    """Scan ``prompts`` (default: the built-in set) on ``model`` (default: the embedded model)."""
+    """Scan ``prompts`` (default: the built-in set) on ``model`` (default: the embedded model), with
+    ``policy``'s interventions applied if given (it needs the model's ``profile``)."""
     from sinkguard.engines.hf.runner import HFSinkModel
 
+    if policy is not None and policy.interventions and profile is None:
+        raise InputError(f"scanning with policy {policy.name!r} needs the model's sink profile (--profile)")
     config = config or ScanConfig()
     if not isinstance(model, HFSinkModel):
         model = HFSinkModel.load(model)
@@ -138,7 +150,7 @@ def scan(
 
         indices = track(indices, description=f"scanning {len(prepared)} prompts", transient=True)
     for i in indices:
-        scans.append(scan_prompt(model, prepared[i], config, profile, i, sources[i]))
+        scans.append(scan_prompt(model, prepared[i], config, profile, i, sources[i], policy))
     summary = summarize([s.as_result for s in scans], model.info.num_layers)
     return ScanResult(
         model=model.info,

@@ -11,6 +11,7 @@ from rich.table import Table
 if TYPE_CHECKING:
     from sinkguard.config import ConfirmationConfig
     from sinkguard.core.validation import Agreement
+    from sinkguard.effects import PolicyEffect
     from sinkguard.profile import SinkProfile
     from sinkguard.report import ScanResult
 
@@ -101,3 +102,25 @@ def print_profile_summary(profile: SinkProfile, console: Console | None = None) 
     console.print(f"calibrated on {cal['num_prompts']} prompts / {cal['num_tokens']} tokens; reference "
                   f"direction consistency min {cal['reference_consistency_min']}, mean "
                   f"{cal['reference_consistency_mean']}")
+
+
+def print_policy_effect(effect: PolicyEffect, console: Console | None = None) -> None:
+    """Before/after table of one policy: secondary-sink mass per layer, flags, perplexity."""
+    console = console or Console()
+    table = Table(title=f"policy '{effect.policy}': secondary-sink attention mass by layer "
+                        f"({effect.prompts} prompts, {effect.secondary_sinks} sinks)")
+    table.add_column("layer", justify="right")
+    table.add_column("without", justify="right")
+    table.add_column("with", justify="right")
+    table.add_column("change", justify="right")
+    for layer, (before, after) in enumerate(zip(effect.mass_before, effect.mass_after)):
+        if before is None or after is None:
+            continue
+        change = "-" if before == 0 else f"{after / before - 1:+.0%}"
+        table.add_row(str(layer), _fmt(before, 4), _fmt(after, 4), change)
+    console.print(table)
+    total = "-" if effect.mass_change is None else f"{effect.mass_change:+.1%}"
+    console.print(f"secondary-sink mass over all layers: {total}; still flagged as secondary sinks: "
+                  f"{effect.still_flagged}/{effect.secondary_sinks}")
+    if effect.perplexity_before is not None:
+        console.print(f"perplexity: {effect.perplexity_before:.4f} -> {effect.perplexity_after:.4f}")
