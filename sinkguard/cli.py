@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from sinkguard.config import ScanConfig
 from sinkguard.errors import SinkguardError
 
 app = typer.Typer(
@@ -194,6 +195,58 @@ def validate(
     if out is not None:
         result.save(out, figures=False)
     print_scan_summary(result, console)
+
+
+@app.command("select-heads")
+def select_heads_command(
+    profile: Annotated[Path, typer.Option("--profile", help="Profile folder (from `sinkguard calibrate`).")],
+    model: ModelOption = None,
+    prompts: PromptsOption = None,
+    corpus: CorpusOption = None,
+    num_prompts: NumPromptsOption = 4,
+    tokens: TokensOption = 128,
+    beta: Annotated[float, typer.Option("--beta", min=0.0, max=1.0, help="Attention kept on each secondary sink.")] = 0.0,
+    layers: Annotated[Optional[str], typer.Option("--layers", help="Candidate layers, comma-separated (default: above the first forming layer).")] = None,
+    name: Annotated[str, typer.Option("--name", help="Name of the policy written.")] = "act",
+    out: Annotated[Path, typer.Option("--out", "-o", help="Policy file to write (YAML); the selection report goes next to it.")] = Path("runs/act-policy.yaml"),
+) -> None:
+    """Calibrate where attention redistribution helps: try each (layer, head), keep those that raise the
+    calibration prompts' log-likelihood (greedy), report held-out log-likelihood; write the policy."""
+    import json
+
+    import yaml
+
+    from sinkguard.core.interventions import AttentionRedistribution
+    from sinkguard.profile import SinkProfile
+    from sinkguard.prompts import held_out_prompts
+    from sinkguard.scanner import prompt_token_ids
+    from sinkguard.selection import select_heads
+
+    loaded = SinkProfile.load(profile)
+    hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
+    loaded.check_model(hf_model.info)
+    settings = ScanConfig()
+    calibration = [prompt_token_ids(hf_model, p, settings) for p in prompt_list]
+    held_out = [prompt_token_ids(hf_model, p, settings)
+                for p in held_out_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=num_prompts,
+                                          tokens=tokens)]
+    try:
+        candidate_layers = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        raise SinkguardError(f"--layers: expected comma-separated integers, got {layers!r}") from None
+    selection = select_heads(hf_model, loaded, calibration, AttentionRedistribution(beta=beta), candidate_layers,
+                             held_out=held_out)
+    policy = selection.policy(name)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump({"policies": [policy.model_dump(exclude_defaults=True) | {
+        "interventions": [spec.model_dump(exclude={"phases"}) for spec in policy.interventions]}]}, sort_keys=False))
+    report = out.with_suffix(".selection.json")
+    report.write_text(json.dumps(selection.to_dict(), indent=1))
+    console.print(f"tried {len(selection.candidates)} (layer, head) pairs; kept {len(selection.kept)}: "
+                  + (", ".join(f"L{c.layer}H{c.head} ({c.gain:+.4f})" for c in selection.kept) or "nothing"))
+    console.print(f"{selection.objective}: calibration {selection.baseline:.4f} -> {selection.selected:.4f}; "
+                  f"held-out {selection.held_out_baseline:.4f} -> {selection.held_out_selected:.4f}")
+    console.print(f"wrote {out} and {report}")
 
 
 @app.command("profile")
