@@ -34,8 +34,13 @@ Each round's saved JSON and console output stay in the server's temporary folder
 start). Paired rounds should also generate the same text (greedy); the count is reported, not
 required, since batching may differ between rounds.
 
+With ``--policy NAME --policies FILE`` the two arms are instead *observe-only* (requests select
+policy ``none``) and *policy NAME* (requests select it through ``--extra-body``'s ``vllm_xargs``),
+the detector on in both: the cost of an intervention over detection alone, measured the same way.
+
     python benchmarks/bench_served.py                       # both dtypes, 6 pairs of rounds each
     python benchmarks/bench_served.py --rounds 2 --num-prompts 16 --max-concurrency 8 --dtype float32
+    python benchmarks/bench_served.py --policies benchmarks/policies.yaml --policy remove --dtype float32
 """
 
 from __future__ import annotations
@@ -105,7 +110,7 @@ def preemptions(base_url: str) -> float:
 
 
 def bench_command(args: argparse.Namespace, base_url: str, model_dir: str, seed: int,
-                  result_dir: Path, filename: str) -> list[str]:
+                  result_dir: Path, filename: str, extra_body: dict | None = None) -> list[str]:
     return [
         "bench", "serve", "--backend", "openai", "--base-url", base_url, "--endpoint", "/v1/completions",
         "--model", SERVED_NAME, "--tokenizer", model_dir, "--dataset-name", "random",
@@ -115,13 +120,14 @@ def bench_command(args: argparse.Namespace, base_url: str, model_dir: str, seed:
         "--seed", str(seed), "--temperature", "0", "--ignore-eos", "--disable-tqdm",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
         "--save-result", "--save-detailed", "--result-dir", str(result_dir), "--result-filename", filename,
+        *(["--extra-body", json.dumps(extra_body)] if extra_body else []),
     ]
 
 
 def run_round(args: argparse.Namespace, base_url: str, model_dir: str, seed: int, folder: Path,
-              name: str) -> dict:
+              name: str, extra_body: dict | None = None) -> dict:
     """One ``vllm bench serve`` run; the per-round sums read back from its saved JSON."""
-    command = bench_command(args, base_url, model_dir, seed, folder, f"{name}.json")
+    command = bench_command(args, base_url, model_dir, seed, folder, f"{name}.json", extra_body)
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
     with open(folder / f"{name}.log", "wb") as log:
         rc = subprocess.run([sys.executable, "-c", SHIM, *command], env=env, stdout=log,
@@ -175,7 +181,9 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
     model_dir = str(resolve_model(None).path)
     profile_path, _ = profile_for_model(None)
     workdir = Path(tempfile.mkdtemp(prefix=f"sinkguard-bench-served-{dtype}-"))
-    launch = prepare_launch(Path(model_dir), ServeConfig(profile=str(profile_path)), SERVED_NAME, port=free_port(),
+    policies = str(args.policies.absolute()) if args.policy else None
+    launch = prepare_launch(Path(model_dir), ServeConfig(profile=str(profile_path), policies=policies), SERVED_NAME,
+                            port=free_port(),
                             extra_args=["--max-model-len", "2048", "--dtype", dtype, "--seed", "0"],
                             workdir=workdir)
     launch.env["SINKGUARD_ADMIN_TOKEN"] = ADMIN_TOKEN
@@ -194,14 +202,18 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
             order = (True, False) if pair % 2 == 0 else (False, True)
             schedule += [(f"pair{pair}-{'on' if state else 'off'}", state, args.seed_base + pair) for state in order]
         for name, enabled, seed in schedule:
-            set_detection(server.base_url, enabled)
+            extra_body = None
+            if args.policy:  # both arms observed; ON selects the policy, OFF the policy "none"
+                extra_body = {"vllm_xargs": {"sinkguard_policy": args.policy if enabled else "none"}}
+            else:
+                set_detection(server.base_url, enabled)
             before, preempted = detector_counters(server.base_url), preemptions(server.base_url)
             start = time.perf_counter()
-            result = run_round(args, server.base_url, model_dir, seed, workdir, name)
+            result = run_round(args, server.base_url, model_dir, seed, workdir, name, extra_body)
             wall = time.perf_counter() - start
             after, preempted = detector_counters(server.base_url), preemptions(server.base_url) - preempted
             steps = after[1] - before[1]
-            if not enabled and steps:
+            if not enabled and steps and not args.policy:
                 raise RuntimeError(f"round {name}: the detector observed {steps} steps while switched off")
             result.update(name=name, enabled=enabled, seed=seed, client_wall_s=wall,
                           detector_seconds=after[0] - before[0], detector_steps=steps, preemptions=preempted)
@@ -212,7 +224,8 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
                           f"TPOT {result['tpot_sum_ms'] / max(result['tpot_count'], 1):7.1f} ms"
                           + (f"  detector {1000 * result['detector_seconds'] / steps:.2f} ms/step x {steps}"
                              if steps else "") + (f"  [red]{preempted:.0f} preemptions[/]" if preempted else ""))
-        set_detection(server.base_url, True)
+        if not args.policy:
+            set_detection(server.base_url, True)
     measured = [r for r in rounds if r["name"] != "warmup"]
     on = [r for r in measured if r["enabled"]]
     off = [r for r in measured if not r["enabled"]]
@@ -237,10 +250,16 @@ def fmt_ratio(entry: dict) -> tuple[str, str]:
     return f"{entry['ratio']:.3f}", f"{low:.3f}-{high:.3f}"
 
 
-def print_table(results: list[dict], console) -> None:
+def arm_labels(config: dict) -> tuple[str, str]:
+    """(ON, OFF) arm names: the detector, or a policy over observe-only."""
+    return (f"policy {config['policy']}", "observe-only") if config.get("policy") else ("detector ON", "OFF")
+
+
+def print_table(results: list[dict], console, config: dict) -> None:
     from rich.table import Table
 
-    table = Table(title="served load: detector ON vs OFF (same server, ABBA rounds, ratio of sums)",
+    on_label, off_label = arm_labels(config)
+    table = Table(title=f"served load: {on_label} vs {off_label} (same server, ABBA rounds, ratio of sums)",
                   title_justify="left")
     for column in ("dtype", "metric", "OFF", "ON", "ON / OFF", "95% CI (paired bootstrap)"):
         table.add_column(column, justify="right" if column not in ("dtype", "metric") else "left")
@@ -258,7 +277,8 @@ def print_table(results: list[dict], console) -> None:
 
 def markdown(results: list[dict], config: dict, command: str) -> str:
     lines = [
-        "## Served load (`benchmarks/bench_served.py`)", "",
+        "## Served load (`benchmarks/bench_served.py`)" + (f": policy `{config['policy']}` vs observe-only"
+                                                            if config.get("policy") else ""), "",
         f"Command ({time.strftime('%Y-%m-%d')}):", "", "```bash", command, "```", "",
         f"One sinkguard-enabled vLLM server per dtype, driven by `vllm bench serve` (random dataset, "
         f"{config['num_prompts']} prompts of ~{config['input_len']} input / ~{config['output_len']} output tokens, "
@@ -268,7 +288,10 @@ def markdown(results: list[dict], config: dict, command: str) -> str:
         "per dtype in ABBA order, both rounds of a pair with the same seed (identical requests and arrival "
         "times), after one discarded warm-up round. Ratios ON / OFF of sums over all rounds; 95% intervals "
         "from a paired bootstrap over round pairs. Detector ms / step: the worker's `detector_seconds` / "
-        "`steps` over the ON rounds.", "",
+        "`steps` over the ON rounds." + (
+            f" Here ON / OFF = requests selecting policy `{config['policy']}` / policy `none` (detector on in both "
+            f"arms; policies in `{config['policies']}`), so the ratios are the intervention's cost over "
+            "observe-only." if config.get("policy") else ""), "",
         "| dtype | metric | OFF | ON | ON / OFF | 95% CI |", "|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -281,8 +304,9 @@ def markdown(results: list[dict], config: dict, command: str) -> str:
             lines.append(f"| {result['dtype']} | detector ms / step (ON rounds) | - | {det['ms_per_step']:.2f} | "
                          f"{100 * det['share_of_on_duration']:.1f}% of ON time | {det['steps']} steps |")
     lines.append("")
+    on_label, off_label = arm_labels(config)
     lines += [f"{r['dtype']}: {r['identical_outputs']['requests']} of {r['identical_outputs']['of']} paired requests "
-              "generated the same text with the detector on and off." for r in results]
+              f"generated the same text under {on_label} and {off_label}." for r in results]
     return "\n".join(lines) + "\n"
 
 
@@ -304,16 +328,23 @@ def main() -> None:
                              "than 64 requests in flight may need: preemptions would distort the comparison")
     parser.add_argument("--seed-base", type=int, default=0)
     parser.add_argument("--round-timeout", type=float, default=1800.0, help="seconds per bench run")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/served.json"))
+    parser.add_argument("--policy", help="compare this policy against observe-only (needs --policies)")
+    parser.add_argument("--policies", type=Path, help="policy file served (YAML or JSON)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="results JSON (default benchmarks/results/served.json or served_<policy>.json)")
     args = parser.parse_args()
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
+    if bool(args.policy) != bool(args.policies):
+        parser.error("--policy and --policies go together")
+    if args.out is None:
+        args.out = Path(f"benchmarks/results/served{'_' + args.policy if args.policy else ''}.json")
     console = Console(width=None if sys.stdout.isatty() else 120)
     python = os.path.relpath(sys.executable) if Path(sys.executable).absolute().is_relative_to(Path.cwd()) else "python"
     command = f"{python} benchmarks/bench_served.py " + shlex.join(sys.argv[1:])
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     results = [run_dtype(args, dtype, console) for dtype in args.dtype]
-    print_table(results, console)
+    print_table(results, console, config)
     snippet = markdown(results, config, command.strip())
     if args.rounds < 5:
         console.print(f"[yellow]only {args.rounds} pairs of rounds: the bootstrap intervals are not meaningful[/]")
@@ -322,7 +353,7 @@ def main() -> None:
             console.print(f"[yellow]{result['dtype']}: {result['preemptions']:.0f} preemptions in measured rounds[/]")
         same = result["identical_outputs"]
         console.print(f"{result['dtype']}: {same['requests']} of {same['of']} paired requests generated the same "
-                      "text with the detector on and off (greedy; batching may differ between rounds)")
+                      "text in both arms (greedy; batching may differ between rounds)")
     sys.stdout.write("\n" + snippet)
     sys.stdout.flush()
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -27,6 +27,7 @@ from sinkguard.core.interventions import INTERVENTIONS, InterventionSpec
 from sinkguard.errors import ConfigError
 
 NO_POLICY = "none"
+INLINE_POLICY = "inline"  # the name a request's inline policy runs, is recorded and is counted under
 
 
 class Policy(StrictModel):
@@ -61,8 +62,8 @@ class PolicySet(StrictModel):
     @model_validator(mode="after")
     def _consistent(self) -> PolicySet:
         names = [p.name for p in self.policies]
-        if len(set(names)) != len(names) or NO_POLICY in names:
-            raise ValueError(f"policy names must be unique and not {NO_POLICY!r}: {names}")
+        if len(set(names)) != len(names) or NO_POLICY in names or INLINE_POLICY in names:
+            raise ValueError(f"policy names must be unique and neither {NO_POLICY!r} nor {INLINE_POLICY!r}: {names}")
         if self.default != NO_POLICY and self.default not in names:
             raise ValueError(f"default policy {self.default!r} is not defined (defined: {names or 'none'})")
         return self

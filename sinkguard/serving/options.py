@@ -3,10 +3,11 @@ and parsed again, with the same code, in the worker."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pydantic
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from sinkguard.config import StrictModel, describe_validation_error
 from sinkguard.errors import ConfigError
@@ -29,6 +30,37 @@ class RequestOptions(StrictModel):
     """Keep at most this many events for the request (the rest are counted as dropped)."""
     policy: str | None = Field(None, min_length=1, max_length=64)
     """Name of a configured intervention policy (default: the server's default policy)."""
+    inline_policy: str | None = Field(None, min_length=2, max_length=16384)
+    """A whole policy as a JSON string (``{"interventions": [...]}``), where the operator allows
+    inline policies (``allow_inline: true`` in the policy file). ``vllm_xargs`` holds scalars only,
+    hence a string. Reported and counted under the policy name ``inline``."""
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> RequestOptions:
+        if self.policy is not None and self.inline_policy is not None:
+            raise ValueError("give sinkguard_policy or sinkguard_inline_policy, not both")
+        return self
+
+    def resolved_policy(self, policies: Any, num_layers: int, num_heads: int) -> Any:
+        """The :class:`~sinkguard.policy.Policy` this request runs under (the server's default when it
+        names none); ConfigError names what is wrong. The API server and the workers both call this."""
+        from sinkguard.policy import INLINE_POLICY, Policy, check_scope
+
+        if self.inline_policy is None:
+            return policies.get(self.policy or policies.default)
+        if not policies.allow_inline:
+            raise ConfigError("vllm_xargs.sinkguard_inline_policy: inline policies are disabled on this server "
+                              "(allow_inline: false in its policy file); select a configured policy by name")
+        try:
+            data = json.loads(self.inline_policy)
+            if not isinstance(data, dict):
+                raise ValueError("expected a JSON object with an 'interventions' list")
+            policy = Policy.model_validate({**data, "name": INLINE_POLICY})
+        except (ValueError, pydantic.ValidationError) as exc:
+            detail = describe_validation_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
+            raise ConfigError(f"vllm_xargs.sinkguard_inline_policy: {detail}") from None
+        check_scope([policy], num_layers, num_heads)
+        return policy
 
     @classmethod
     def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestOptions:

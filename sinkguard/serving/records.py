@@ -61,6 +61,7 @@ class RequestRecord:
     events: list[dict[str, Any]] = field(default_factory=list)
     events_dropped: int = 0
     policy: str = "none"
+    policy_spec: Any = field(default=None, repr=False)  # the resolved Policy (None: no interventions)
     interventions: list[dict[str, Any]] = field(default_factory=list)  # edits that fired (bounded like events)
     interventions_applied: Counter = field(default_factory=Counter)  # by intervention kind
     _listed: set = field(default_factory=set, repr=False)  # (kind, layer, position) already in interventions

@@ -88,3 +88,31 @@ def test_layers_and_heads_the_model_does_not_have_are_refused_by_name(tmp_path):
         check_scope(policies, num_layers=30, num_heads=9)
     with pytest.raises(ConfigError, match=r"names layers \[3\] \(the model has 3\)"):
         check_scope(policies, num_layers=3, num_heads=9)
+
+
+def test_a_request_resolves_to_a_named_inline_or_default_policy():
+    import json as _json
+
+    from sinkguard.policy import PolicySet
+    from sinkguard.serving.options import RequestOptions
+
+    act = {"name": "act", "interventions": [{"kind": "attention_redistribution", "beta": 0.0, "layers": [4]}]}
+    closed = PolicySet.model_validate({"default": "act", "policies": [act]})
+    opened = closed.model_copy(update={"allow_inline": True})
+    assert RequestOptions().resolved_policy(closed, 30, 9).name == "act"  # the server's default
+    assert RequestOptions(policy="none").resolved_policy(closed, 30, 9).interventions == []
+    inline = RequestOptions(inline_policy=_json.dumps({"interventions": [{"kind": "mlp_norm_clamp",
+                                                                          "relative_norm": 2.0}]}))
+    with pytest.raises(ConfigError, match="inline policies are disabled"):
+        inline.resolved_policy(closed, 30, 9)
+    resolved = inline.resolved_policy(opened, 30, 9)
+    assert resolved.name == "inline" and resolved.interventions[0].relative_norm == 2.0
+    for bad, message in (("[1]", "expected a JSON object"), ("{nope", "Expecting property name"),
+                         ('{"interventions": [{"kind": "mlp_norm_clamp"}]}', "exactly one of target_norm"),
+                         ('{"interventions": [{"kind": "first_token_scaling", "heads": [12]}]}', r"heads \[12\]")):
+        with pytest.raises(ConfigError, match=message):
+            RequestOptions(inline_policy=bad).resolved_policy(opened, 30, 9)
+    with pytest.raises(ConfigError, match="not both"):
+        RequestOptions.from_extra_args({"sinkguard_policy": "act", "sinkguard_inline_policy": "{}"})
+    with pytest.raises(ValueError, match="neither 'none' nor 'inline'"):
+        PolicySet.model_validate({"policies": [{"name": "inline"}]})

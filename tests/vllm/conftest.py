@@ -8,9 +8,11 @@ float32: vLLM's CPU default (bf16) would make detection coarser than the float32
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from served_policies import POLICIES  # tests/vllm is on sys.path (pytest prepends a test file's folder)
 
 from sinkguard.config import ServeConfig
 
@@ -49,21 +51,31 @@ def plain_outputs(hf_model, online_prompts, tmp_path_factory) -> list[list[int]]
 
 
 @pytest.fixture(scope="session")
-def engine_outputs(hf_model, online_prompts, served_profile, tmp_path_factory) -> dict:
-    """The same batch through a vLLM engine with sinkguard detecting: tokens and sink records."""
+def policy_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("policies") / "policies.json"
+    path.write_text(json.dumps(POLICIES))
+    return path
+
+
+@pytest.fixture(scope="session")
+def engine_outputs(hf_model, online_prompts, served_profile, policy_file, tmp_path_factory) -> dict:
+    """The same batch through a vLLM engine with sinkguard detecting (policies configured, none
+    selected): tokens and sink records."""
     folder = tmp_path_factory.mktemp("sinkguard-engine")
     config = folder / "serve.json"
-    config.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False).model_dump_json())
+    config.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False,
+                                  policies=str(policy_file)).model_dump_json())
     return generate_offline(hf_model.source.path, online_prompts, folder, config)
 
 
 @pytest.fixture(scope="session")
-def server(hf_model, served_profile, plain_outputs, engine_outputs, tmp_path_factory):
+def server(hf_model, served_profile, policy_file, plain_outputs, engine_outputs, tmp_path_factory):
     """The sinkguard server (started after the offline engines: they would share 2 cores)."""
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
 
     profile_path, _ = served_profile
-    launch = prepare_launch(hf_model.source.path, ServeConfig(profile=str(profile_path), max_finished_requests=512),
+    config = ServeConfig(profile=str(profile_path), max_finished_requests=512, policies=str(policy_file))
+    launch = prepare_launch(hf_model.source.path, config,
                             "smol", port=free_port(),
                             # a small token budget per step splits the 97-token prompts into prefill chunks
                             extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32",

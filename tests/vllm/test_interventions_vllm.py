@@ -14,16 +14,9 @@ from sinkguard.policy import load_policies
 
 pytestmark = pytest.mark.slow
 STEPS = 8
-POLICIES = {"policies": [
-    {"name": "remove", "interventions": [{"kind": "mlp_projection_removal", "alpha": 1.0}]},
-    {"name": "clamp", "interventions": [{"kind": "mlp_norm_clamp", "relative_norm": 1.0}]},
-    {"name": "act", "interventions": [{"kind": "attention_redistribution", "beta": 0.2,
-                                       "layers": [3, 4, 5, 6, 7, 8, 12, 20], "heads": [0, 4, 8]}]},
-    {"name": "act_decode", "interventions": [{"kind": "attention_redistribution", "beta": 0.0, "phases": ["decode"]}]},
-    {"name": "zero", "interventions": [{"kind": "first_token_scaling", "gamma": 0.5, "layers": [2, 5, 9],
-                                        "heads": [1, 2]}]},
-]}
-NAMES = ["none", "remove", "clamp", "act", "zero", "act_decode", "none", "act"]
+NAMES = ["none", "remove", "clamp", "act", "zero", "act_decode", "none", "act", "inline"]
+# the same policy sent inline (allowed in this engine's policy file) runs exactly as the configured one
+INLINE_AS = "act"
 
 
 def hf_greedy(hf_model, prompt: list[int], policy, profile) -> tuple[list[int], list[float]]:
@@ -41,22 +34,35 @@ def hf_greedy(hf_model, prompt: list[int], policy, profile) -> tuple[list[int], 
     return tokens, logprobs
 
 
+def policies_with_inline() -> dict:
+    from served_policies import POLICIES
+
+    return {**POLICIES, "allow_inline": True}
+
+
+def xargs(name: str) -> dict:
+    if name != "inline":
+        return {"sinkguard_policy": name}
+    configured = next(p for p in policies_with_inline()["policies"] if p["name"] == INLINE_AS)
+    return {"sinkguard_inline_policy": json.dumps({"interventions": configured["interventions"]})}
+
+
 @pytest.fixture(scope="module")
 def batch(hf_model, online_prompts, served_profile, tmp_path_factory):
     folder = tmp_path_factory.mktemp("interventions")
-    (folder / "policies.json").write_text(json.dumps(POLICIES))
+    (folder / "policies.json").write_text(json.dumps(policies_with_inline()))
     config = folder / "serve.json"
     config.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False,
                                   policies=str(folder / "policies.json")).model_dump_json())
     prompts = online_prompts[:len(NAMES)]
     out = generate(hf_model.source.path, prompts, folder / "run", STEPS, config,
-                   engine_args={"max_num_batched_tokens": 64},  # chunked prefill, all eight in one batch
-                   extra_args=[{"sinkguard_policy": n} for n in NAMES])
+                   engine_args={"max_num_batched_tokens": 64},  # chunked prefill, all nine in one batch
+                   extra_args=[xargs(n) for n in NAMES])
     return prompts, NAMES, out, load_policies(folder / "policies.json")
 
 
 def test_each_request_gets_its_own_policy_and_matches_transformers(batch, hf_model, served_profile):
-    """Every intervention, eight requests on six policies in one batch with chunked prefill: the same
+    """Every intervention, nine requests on seven policies (one inline) in one batch with chunked prefill: the same
     greedy tokens as transformers under the same policy, next-token log-probabilities within 1e-3
     (measured: ~4e-5), and each policy visibly changes the log-probabilities it is compared on."""
     prompts, names, out, policies = batch
@@ -64,6 +70,7 @@ def test_each_request_gets_its_own_policy_and_matches_transformers(batch, hf_mod
     for prompt, name, tokens, logprobs, found in zip(prompts, names, out["tokens"], out["logprobs"], out["records"]):
         record = found[0]
         assert record["policy"] == name
+        name = INLINE_AS if name == "inline" else name
         hf_tokens, hf_logprobs = hf_greedy(hf_model, prompt, policies.get(name), served_profile[1])
         assert tokens == hf_tokens, name
         worst = max(worst, max(abs(a - b) for a, b in zip(logprobs, hf_logprobs)))
@@ -93,7 +100,7 @@ def test_a_fault_inside_an_intervention_leaves_the_request_unmodified(hf_model, 
                                                                        plain_outputs, tmp_path_factory):
     """Fail-open: an attention edit that raises on every step serves every request as plain vLLM would."""
     folder = tmp_path_factory.mktemp("intervention-fault")
-    (folder / "policies.json").write_text(json.dumps(POLICIES))
+    (folder / "policies.json").write_text(json.dumps(policies_with_inline()))
     config = folder / "serve.json"
     config.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False, policies=str(folder / "policies.json"),
                                   fault_limit=1000, fault_injection={"stage": "intervention", "every_steps": 1}

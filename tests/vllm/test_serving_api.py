@@ -112,6 +112,28 @@ def test_unknown_policy_gets_400_naming_it(server, online_prompts):
     assert completion(server, online_prompts[0], vllm_xargs={"sinkguard_policy": "none"})["choices"]
 
 
+def test_a_selected_policy_acts_and_is_recorded_and_counted(server, online_prompts):
+    body = completion(server, online_prompts[3], vllm_xargs={"sinkguard_policy": "act"})
+    status, found = ask(server, f"/sinkguard/requests/{body['id']}")
+    record = found["requests"][0]
+    assert status == 200 and record["policy"] == "act"
+    assert record["interventions_applied"].get("attention_redistribution", 0) > 0, record
+    with urllib.request.urlopen(server.base_url + "/metrics") as response:
+        metrics = response.read().decode()
+    assert any(line.startswith("sinkguard:interventions_applied_total{") and 'policy="act"' in line
+               and 'intervention="attention_redistribution"' in line and float(line.rsplit(" ", 1)[1]) > 0
+               for line in metrics.splitlines())
+
+
+def test_inline_policies_are_refused_unless_the_operator_allows_them(server, online_prompts):
+    inline = '{"interventions": [{"kind": "attention_redistribution", "beta": 0.0, "layers": [4]}]}'
+    status, body = http_json(server.base_url + "/v1/completions", {
+        "model": "smol", "prompt": online_prompts[0], "max_tokens": 2,
+        "vllm_xargs": {"sinkguard_inline_policy": inline}}, headers=server.user_headers)
+    assert status == 400 and "inline policies are disabled" in body["error"]["message"], body
+    assert completion(server, online_prompts[0])["choices"]  # and the server goes on serving
+
+
 def test_operator_can_switch_detection_off_and_on(server, online_prompts):
     try:
         status, body = http_json(server.base_url + "/sinkguard/detection", {"enabled": False},

@@ -133,8 +133,9 @@ def _validate(body: bytes) -> str | None:
         return None
     try:
         options = RequestOptions.from_extra_args(xargs)
-        if options.policy is not None:
-            _policies().get(options.policy)
+        if options.policy is not None or options.inline_policy is not None:
+            policies, num_layers, num_heads = _policies()
+            options.resolved_policy(policies, num_layers, num_heads)
     except ConfigError as exc:
         return str(exc)
     return None
@@ -143,12 +144,16 @@ def _validate(body: bytes) -> str | None:
 _POLICIES: list[Any] = []
 
 
-def _policies() -> Any:
-    """The server's policy set, read once (the same file and code the workers use)."""
+def _policies() -> tuple[Any, int, int]:
+    """The server's policy set and its model's layers and heads, read once (the same file and code
+    the workers use)."""
     if not _POLICIES:
         from sinkguard.engines.vllm.plugin import enabled_config, serve_policies
+        from sinkguard.profile import SinkProfile
 
-        _POLICIES.append(serve_policies(enabled_config()))
+        config = enabled_config()
+        model = SinkProfile.load(config.profile).model
+        _POLICIES.append((serve_policies(config), model.num_layers, model.num_heads))
     return _POLICIES[0]
 
 

@@ -101,8 +101,9 @@ class VllmSinkRuntime:
         self.forming_layers = [f.layer for f in profile.meta.forming_layers]
         self.primary_position = profile.reference_position
         self.memory = SinkMemory()  # per request: its secondary sinks so far (attention edits target them)
-        self.edits_attention = any(spec.family == "attention" for p in self.policies.policies
-                                   for spec in p.interventions)
+        # attention implementations are wrapped only if some request may edit attention
+        self.edits_attention = self.policies.allow_inline or any(
+            spec.family == "attention" for p in self.policies.policies for spec in p.interventions)
         self._plan = EMPTY_PLAN
         self.guard = FaultGuard(config.fault_limit, config.fail_closed, on_fault=self._on_fault)
         self.injector = FaultInjector(config.fault_injection)
@@ -223,13 +224,13 @@ class VllmSinkRuntime:
         chosen = []
         for i, request_id in enumerate(request_ids):
             record = live.get(request_id) or self._first_sight(request_id)
-            if record.policy != NO_POLICY:
+            if record.policy_spec is not None:
                 chosen.append((i, record))
         if not chosen:
             return EMPTY_PLAN
         firsts = self._positions[torch.from_numpy(query_start[:-1]).to(self._positions.device)].tolist()
         pieces = [RequestSlice(i, int(query_start[i]), int(query_start[i + 1]), int(firsts[i]), record.prompt_tokens,
-                               self.policies.get(record.policy), request_ids[i]) for i, record in chosen]
+                               record.policy_spec, request_ids[i]) for i, record in chosen]
         return build_plan(pieces, self.forming_layers, self.primary_position, len(self.rules))
 
     def _observed_forward(self, index: int, forward: Any, first: bool, last: bool) -> Any:
@@ -393,8 +394,13 @@ class VllmSinkRuntime:
         prompt_len = len(state.prompt_token_ids or ()) if state is not None else 0
         extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
         record = self.tracker.get(request_id, extra, prompt_len)
-        name = record.options.policy or self.policies.default
-        record.policy = name if name == NO_POLICY or name in self.policies.names else NO_POLICY  # checked at the API
+        try:
+            policy = record.options.resolved_policy(self.policies, len(self.rules), self.profile.model.num_heads)
+        except ConfigError as exc:  # the API server answers 400; offline engines have no API server
+            logger.warning("sinkguard: request %s is served without interventions: %s", request_id, exc)
+            policy = self.policies.get(NO_POLICY)
+        record.policy = policy.name
+        record.policy_spec = policy if policy.interventions else None  # None: nothing to plan
         return record
 
     def _on_retire(self, record: Any) -> None:
