@@ -73,6 +73,15 @@ def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str, sample_pr
     return model_info_from_config(hf_config, architecture, name, identity, len(layers))
 
 
+def attention_window(impl: Any) -> int | None:
+    """The layer's sliding window in sinkguard's convention (query i sees ``i - w < j <= i``): CPU
+    backends store the window (-1: none), FlashAttention ``(w - 1, 0)`` (``(-1, -1)``: none)."""
+    window = getattr(impl, "sliding_window", None)
+    if isinstance(window, tuple):
+        return window[0] + 1 if window[0] >= 0 else None
+    return int(window) if window is not None and window > 0 else None
+
+
 class VllmSinkRuntime:
     """The detector living in one vLLM worker.
 
@@ -289,7 +298,7 @@ class VllmSinkRuntime:
         reader = layer._sinkguard_reader
         out = output.view(output.shape[0], impl.num_heads, -1)
         seq_lens = metadata.seq_lens.cpu()
-        window = impl.sliding_window if impl.sliding_window and impl.sliding_window > 0 else None
+        window = attention_window(impl)
 
         def context(edit: AttentionEdit):
             keys, values = reader.read(kv_cache, metadata.block_table[edit.request], int(seq_lens[edit.request]))
