@@ -18,13 +18,12 @@ signal is read on the MLP output *before* any MLP edit of the same policy.
 
 from __future__ import annotations
 
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from sinkguard.core.attention import visible_keys
 from sinkguard.core.interventions import AttentionRedistribution, FirstTokenScaling, formation_rows
 from sinkguard.core.redistribution import redistributed_attention
 
@@ -110,44 +109,57 @@ def edit_heads(spec: AttentionRedistribution | FirstTokenScaling, num_heads: int
     return heads
 
 
-def redistribute(
+KeyReader = Callable[[list[AttentionEdit]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``read(edits) -> (keys [B, K, Hkv, D], values [B, K, Hkv, Dv], lengths [B])``: each edit's request's
+whole context so far (positions 0..length-1, padded to K), the way its engine stores it."""
+
+
+def redistribute_group(
     spec: AttentionRedistribution | FirstTokenScaling,
+    edits: list[AttentionEdit],
+    targets: list[np.ndarray],
     query: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    query_positions: torch.Tensor,
-    target_positions: np.ndarray,
+    out: torch.Tensor,
+    read: KeyReader,
     scale: float,
     window: int | None,
-    out: torch.Tensor,
-) -> int:
-    """Overwrite ``out`` [Q, H, D] (one request's attention output at one layer) on the edited heads of
-    the queries that see a target key; returns how many queries changed.
+) -> list[int]:
+    """Apply one intervention to several requests' queries at one layer in one batched computation.
 
-    ``query`` [Q, H, D] (post-rotary, unscaled); ``keys`` / ``values`` [K, Hkv, D] at positions 0..K-1
-    (the request's whole context so far); ``query_positions`` [Q]. ``scale`` is the layer's softmax scale.
+    ``query`` / ``out`` [N, H, D]: the step's queries and attention output (flattened batch);
+    ``edits[i]`` covers rows ``[start, end)``, ``targets[i]`` its sink key positions. Overwrites the
+    edited heads of the queries that see a target key; returns, per edit, how many queries changed.
     """
-    if target_positions.size == 0:
-        return 0
-    key_positions = torch.arange(keys.shape[0], device=keys.device)
-    targets = torch.zeros(keys.shape[0], dtype=torch.bool, device=keys.device)
-    inside = target_positions[target_positions < keys.shape[0]]
-    targets[torch.from_numpy(inside).to(keys.device)] = True
-    visible = visible_keys(query_positions.to(keys.device), key_positions, window)
-    rows = (visible & targets[None]).any(dim=1).nonzero().flatten()
-    if rows.numel() == 0:
-        return 0
-    heads = edit_heads(spec, query.shape[1])
-    group = query.shape[1] // keys.shape[1]
-    head_index = torch.tensor(heads, device=query.device)
-    kv_index = head_index // group
-    edited = redistributed_attention(query.index_select(0, rows).index_select(1, head_index),
-                                     keys.index_select(1, kv_index), values.index_select(1, kv_index),
-                                     visible.index_select(0, rows), targets, kept_fraction(spec), scale)
-    block = out.index_select(0, rows)
-    block[:, head_index] = edited.to(out.dtype)
-    out.index_copy_(0, rows, block)
-    return int(rows.numel())
+    device = query.device
+    width = max(e.end - e.start for e in edits)
+    offsets = torch.arange(width, device=device)
+    starts = torch.tensor([e.start for e in edits], device=device)
+    counts = torch.tensor([e.end - e.start for e in edits], device=device)
+    valid = offsets[None] < counts[:, None]  # [B, Q]
+    rows = torch.where(valid, starts[:, None] + offsets[None], 0)
+    positions = torch.tensor([e.first_position for e in edits], device=device)[:, None] + offsets[None]
+    keys, values, lengths = read(edits)
+    key_positions = torch.arange(keys.shape[1], device=device)
+    target_mask = torch.zeros(len(edits), keys.shape[1], dtype=torch.bool, device=device)
+    for i, found in enumerate(targets):
+        target_mask[i, torch.from_numpy(found[found < keys.shape[1]]).to(device)] = True
+    visible = ((key_positions[None, None] <= positions[..., None]) & valid[..., None]
+               & (key_positions[None, None] < lengths.to(device)[:, None, None]))
+    if window is not None:
+        visible &= key_positions[None, None] > positions[..., None] - window
+    changed = (visible & target_mask[:, None]).any(-1)  # [B, Q]: queries that see a target
+    if not bool(changed.any()):
+        return [0] * len(edits)
+    heads = torch.tensor(edit_heads(spec, query.shape[1]), device=device)
+    kv_heads = heads // (query.shape[1] // keys.shape[2])
+    edited = redistributed_attention(query[rows].index_select(2, heads), keys.index_select(2, kv_heads),
+                                     values.index_select(2, kv_heads), visible, target_mask, kept_fraction(spec),
+                                     scale)  # [B, Q, h', D]
+    flat_rows = rows[changed]
+    block = out.index_select(0, flat_rows)
+    block[:, heads] = edited[changed].to(out.dtype)
+    out.index_copy_(0, flat_rows, block)
+    return changed.sum(1).tolist()
 
 
 def redistribute_probabilities(probs: torch.Tensor, targets: torch.Tensor, kept: float) -> torch.Tensor:

@@ -13,7 +13,7 @@ compiled mode, the plan is what gets copied into persistent tables).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Hashable
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,16 +21,15 @@ import torch
 
 from sinkguard.core.attention_edits import (
     AttentionEdit,
+    KeyReader,
     SinkMemory,
     Watch,
     edit_targets,
-    redistribute,
+    redistribute_group,
     watch_formations,
 )
 from sinkguard.core.interventions import AttentionRedistribution, InterventionSpec, MlpProjectionRemoval, formation_rows
 from sinkguard.policy import Policy
-
-AttentionContext = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -179,24 +178,28 @@ def edit_mlp_output(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: For
 
 
 def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primary_position: int, scale: float,
-                          window: int | None, context: Callable[[AttentionEdit], AttentionContext]
+                          window: int | None, query: torch.Tensor, out: torch.Tensor, read: KeyReader
                           ) -> list[AppliedEdit]:
-    """Apply the planned attention edits at ``layer``. ``context(edit)`` gives the request's
-    ``(query [Q,H,D], keys [K,Hkv,D], values, query positions [Q], output view [Q,H,D])`` the way
-    its engine stores them; the arithmetic is the same for both (:func:`redistribute`)."""
+    """Apply the planned attention edits at ``layer`` to ``out`` [N, H, D] (the attention output of
+    the step's queries ``query`` [N, H, D]). ``read(edits)`` gives the edited requests' keys and
+    values the way their engine stores them; everything else is the same for both engines. Edits of
+    one intervention with the same number of queries (e.g. every decode request) are computed in
+    one batch."""
     edits = plan.attention.get(layer)
     if not edits:
         return []
-    applied = []
+    groups: dict[tuple[int, int], list[tuple[AttentionEdit, np.ndarray]]] = {}
     for edit in edits:
         targets = edit_targets(edit, layer, memory, primary_position)
-        if targets.size == 0:
-            continue
-        query, keys, values, positions, out = context(edit)
-        changed = redistribute(edit.intervention, query, keys, values, positions, targets, scale, window, out)
-        if changed:
-            applied.append(AppliedEdit(layer, edit.intervention, edit.policy, np.full(targets.shape, edit.request),
-                                       targets, changed))
+        if targets.size:
+            groups.setdefault((id(edit.intervention), edit.end - edit.start), []).append((edit, targets))
+    applied = []
+    for members in groups.values():
+        group = [edit for edit, _ in members]
+        changed = redistribute_group(group[0].intervention, group, [t for _, t in members], query, out, read, scale,
+                                     window)
+        applied += [AppliedEdit(layer, edit.intervention, edit.policy, np.full(targets.shape, edit.request), targets,
+                                count) for (edit, targets), count in zip(members, changed) if count]
     return applied
 
 

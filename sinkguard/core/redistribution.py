@@ -30,30 +30,35 @@ def redistributed_attention(
 ) -> torch.Tensor:
     """Attention output with the mass on ``targets`` scaled by ``beta``.
 
-    ``query`` [Q, H, D]; ``keys`` / ``values`` [K, Hkv, D] (grouped-query heads share a KV head:
-    query head h reads KV head h // (H / Hkv)); ``visible`` [Q, K] bool (causal / window mask);
-    ``targets`` [Q, K] or [K] bool; ``beta`` a float or a per-head tensor [H] in [0, 1]. Returns
-    [Q, H, D] in float32 (float64 inputs stay float64).
+    ``query`` [..., Q, H, D]; ``keys`` / ``values`` [..., K, Hkv, D] (grouped-query heads share a KV
+    head: query head h reads KV head h // (H / Hkv)); ``visible`` [..., Q, K] bool (causal / window
+    / padding mask); ``targets`` [..., Q, K] or [..., K] bool; ``beta`` a float or a per-head tensor
+    [H] in [0, 1]. Leading dimensions (``...``) batch independent requests. Returns [..., Q, H, D] in
+    float32 (float64 inputs stay float64).
     """
     dtype = torch.float64 if query.dtype == torch.float64 else torch.float32
-    num_heads, num_kv = query.shape[1], keys.shape[1]
+    num_heads, num_kv = query.shape[-2], keys.shape[-2]
     group = num_heads // num_kv
-    q = query.to(dtype).transpose(0, 1)  # [H, Q, D]
-    k = keys.to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)  # [H, K, D]
-    v = values.to(dtype).transpose(0, 1).repeat_interleave(group, dim=0)
-    logits = torch.matmul(q, k.transpose(1, 2)) * scale  # [H, Q, K]
+    q = query.to(dtype).transpose(-3, -2)  # [..., H, Q, D]
+    k = keys.to(dtype).transpose(-3, -2).repeat_interleave(group, dim=-3)  # [..., H, K, D]
+    v = values.to(dtype).transpose(-3, -2).repeat_interleave(group, dim=-3)
+    logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [..., H, Q, K]
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=logits.device)
-    logits = torch.where(visible[None], logits, neg_inf)
-    target = (targets if targets.dim() == 2 else targets[None].expand_as(visible)) & visible
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [H, Q, 1]
-    other_logits = torch.where(target[None], neg_inf, logits)
+    seen = visible.unsqueeze(-3)  # [..., 1, Q, K]
+    logits = torch.where(seen, logits, neg_inf)
+    if targets.dim() == visible.dim() - 1:
+        targets = targets.unsqueeze(-2)
+    target = (targets & visible).unsqueeze(-3)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)  # [..., H, Q, 1]
+    other_logits = torch.where(target, neg_inf, logits)
     lse_other = torch.logsumexp(other_logits, dim=-1, keepdim=True)
     has_other = torch.isfinite(lse_other)
-    target_probs = torch.where(target[None], torch.exp(logits - lse), torch.zeros((), dtype=dtype))
+    finite_lse = torch.where(torch.isfinite(lse), lse, 0.0)  # rows that see nothing (padding) stay finite
+    target_probs = torch.where(target, torch.exp(logits - finite_lse), torch.zeros((), dtype=dtype))
     mass = target_probs.sum(-1, keepdim=True)  # A
     other_out = torch.matmul(torch.exp(other_logits - torch.where(has_other, lse_other, 0.0)), v)  # o_notS
     beta_t = torch.as_tensor(beta, dtype=dtype, device=logits.device).reshape(-1, 1, 1)
     other_weight = torch.exp(torch.where(has_other, lse_other - lse, neg_inf)) + (1 - beta_t) * mass
     edited = beta_t * torch.matmul(target_probs, v) + other_weight * other_out
-    plain = torch.matmul(torch.exp(logits - lse), v)
-    return torch.where(has_other, edited, plain).transpose(0, 1)  # [Q, H, D]
+    plain = torch.matmul(torch.exp(logits - finite_lse), v)
+    return torch.where(has_other, edited, plain).transpose(-3, -2)  # [..., Q, H, D]

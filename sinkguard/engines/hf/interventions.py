@@ -77,16 +77,15 @@ class HFIntervention:
         if layer not in self.plan.attention:
             return output
         out = output[0].clone()  # [Q, H, D]
-        num_keys, num_queries = key.shape[2], query.shape[2]
-        positions = torch.arange(num_keys - num_queries, num_keys, device=query.device)
+        keys, values = key[0].transpose(0, 1)[None], value[0].transpose(0, 1)[None]  # [1, K, Hkv, D]
 
-        def context(edit: AttentionEdit):
-            rows = slice(edit.start, edit.end)
-            return (query[0, :, rows].transpose(0, 1), key[0].transpose(0, 1), value[0].transpose(0, 1),
-                    positions[rows], out[rows])
+        def read(edits: list[AttentionEdit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            count = len(edits)  # one request: several edits share its keys
+            return (keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1),
+                    torch.full((count,), keys.shape[1]))
 
         self.applied += apply_attention_edits(layer, self.plan, self.memory, self.primary_position, scale, window,
-                                              context)
+                                              query[0].transpose(0, 1), out, read)
         return out[None]
 
     def probability_transform(self, layer: int, window: int | None) -> Any:

@@ -36,20 +36,26 @@ class PagedKvReader:
                               "serve with --kv-cache-dtype auto")
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def read(self, kv_cache: torch.Tensor, block_ids: torch.Tensor, num_tokens: int
-             ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The first ``num_tokens`` keys and values of the request whose block table row is ``block_ids``."""
+    def read(self, kv_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values of B requests: ``block_tables`` [B, max blocks] (their block table rows),
+        ``lengths`` [B] (tokens each has so far). Returns ``(keys [B, K, Hkv, D], values [B, K, Hkv, Dv],
+        lengths)`` with K = the longest request's blocks x block size; positions past a request's
+        length are padding (whatever its block table row points to)."""
         key_map, value_map = self._map_for(kv_cache)
         block_size = kv_cache.shape[2]
-        blocks = block_ids[: math.ceil(num_tokens / block_size)].to(device=kv_cache.device, dtype=torch.long)
-        region = kv_cache.index_select(0, blocks).reshape(blocks.numel(), -1)
-        heads = key_map.shape[0]
+        lengths = lengths.to(torch.long).cpu()
+        used = max(1, math.ceil(int(lengths.max()) / block_size))
+        blocks = block_tables[:, :used].to(device=kv_cache.device, dtype=torch.long)
+        batch = blocks.shape[0]
+        region = kv_cache.index_select(0, blocks.flatten()).reshape(batch, used, -1)
 
-        def gather(index: torch.Tensor) -> torch.Tensor:
-            picked = region.index_select(1, index.flatten()).view(blocks.numel(), heads, block_size, -1)
-            return picked.permute(0, 2, 1, 3).reshape(-1, heads, picked.shape[-1])[:num_tokens]
+        def gather(index: torch.Tensor) -> torch.Tensor:  # index [Hkv, block_size, D]: offsets in a block
+            heads, dim = index.shape[0], index.shape[2]
+            picked = region.index_select(2, index.flatten()).view(batch, used, heads, block_size, dim)
+            return picked.permute(0, 1, 3, 2, 4).reshape(batch, used * block_size, heads, dim)
 
-        return gather(key_map), gather(value_map)
+        return gather(key_map), gather(value_map), lengths
 
     def _map_for(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         signature = (tuple(kv_cache.shape[1:]), kv_cache.dtype, kv_cache.device, getattr(self.layer, "isa", None))

@@ -296,17 +296,16 @@ class VllmSinkRuntime:
                 output: torch.Tensor) -> list[AppliedEdit]:
         impl = layer.impl
         reader = layer._sinkguard_reader
+
+        def read(edits: list[AttentionEdit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            requests = torch.tensor([edit.request for edit in edits], device=metadata.block_table.device)
+            return reader.read(kv_cache, metadata.block_table.index_select(0, requests),
+                               metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)))
+
         out = output.view(output.shape[0], impl.num_heads, -1)
-        seq_lens = metadata.seq_lens.cpu()
-        window = attention_window(impl)
-
-        def context(edit: AttentionEdit):
-            keys, values = reader.read(kv_cache, metadata.block_table[edit.request], int(seq_lens[edit.request]))
-            positions = torch.arange(edit.first_position, edit.first_position + edit.end - edit.start)
-            return query[edit.start:edit.end], keys, values, positions, out[edit.start:edit.end]
-
-        return apply_attention_edits(index, self._plan, self.memory, self.primary_position, impl.scale, window,
-                                     context)
+        return apply_attention_edits(index, self._plan, self.memory, self.primary_position, impl.scale,
+                                     attention_window(impl), query.view(query.shape[0], impl.num_heads, -1), out,
+                                     read)
 
     def _on_step_end(self) -> None:
         start = time.perf_counter()
