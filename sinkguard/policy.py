@@ -17,6 +17,7 @@ The policy ``none`` always exists and does nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -81,16 +82,37 @@ class PolicySet(StrictModel):
         return [p.name for p in self.policies]
 
 
-def check_scope(policies: Iterable[Policy], num_layers: int, num_heads: int) -> None:
-    """ConfigError naming any layer or head a policy names that the model does not have."""
+@dataclass(frozen=True)
+class ModelScope:
+    """What a policy may name on one model: its layers, heads, and the layers where its profile saw
+    secondary sinks form."""
+
+    num_layers: int
+    num_heads: int
+    forming_layers: tuple[int, ...]
+
+    @classmethod
+    def from_profile(cls, profile: Any) -> ModelScope:
+        return cls(profile.model.num_layers, profile.model.num_heads,
+                   tuple(f.layer for f in profile.meta.forming_layers))
+
+
+def check_scope(policies: Iterable[Policy], scope: ModelScope) -> None:
+    """ConfigError naming any layer or head a policy names that the model does not have, and any
+    intervention that would never act because the profile found no secondary sinks forming."""
     for policy in policies:
         for spec in policy.interventions:
-            layers = [x for x in spec.layers or () if x >= num_layers]
-            heads = [x for x in getattr(spec, "heads", None) or () if x >= num_heads]
+            layers = [x for x in spec.layers or () if x >= scope.num_layers]
+            heads = [x for x in getattr(spec, "heads", None) or () if x >= scope.num_heads]
             if layers or heads:
-                what = f"layers {layers} (the model has {num_layers})" if layers else \
-                    f"heads {heads} (the model has {num_heads} query heads)"
+                what = f"layers {layers} (the model has {scope.num_layers})" if layers else \
+                    f"heads {heads} (the model has {scope.num_heads} query heads)"
                 raise ConfigError(f"policy {policy.name!r}: {spec.kind} names {what}")
+            needs_sinks = spec.kind == "attention_redistribution" or (spec.family == "mlp" and (
+                spec.layers is None or getattr(spec, "tokens", "flagged") == "flagged"))
+            if needs_sinks and not scope.forming_layers:
+                raise ConfigError(f"policy {policy.name!r}: {spec.kind} acts on secondary sinks as they form, and "
+                                  "this model's profile found none forming (no forming layers): it would never act")
 
 
 def load_policies(path: Path | str) -> PolicySet:

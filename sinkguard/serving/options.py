@@ -41,7 +41,7 @@ class RequestOptions(StrictModel):
             raise ValueError("give sinkguard_policy or sinkguard_inline_policy, not both")
         return self
 
-    def resolved_policy(self, policies: Any, num_layers: int, num_heads: int) -> Any:
+    def resolved_policy(self, policies: Any, scope: Any) -> Any:
         """The :class:`~sinkguard.policy.Policy` this request runs under (the server's default when it
         names none); ConfigError names what is wrong. The API server and the workers both call this."""
         from sinkguard.policy import INLINE_POLICY, Policy, check_scope
@@ -59,7 +59,7 @@ class RequestOptions(StrictModel):
         except (ValueError, pydantic.ValidationError) as exc:
             detail = describe_validation_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
             raise ConfigError(f"vllm_xargs.sinkguard_inline_policy: {detail}") from None
-        check_scope([policy], num_layers, num_heads)
+        check_scope([policy], scope)
         return policy
 
     @classmethod

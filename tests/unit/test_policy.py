@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkguard.core.interventions import MlpNormClamp, MlpProjectionRemoval, formation_rows
+from sinkguard.core.interventions import FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval, formation_rows
 from sinkguard.errors import ConfigError
-from sinkguard.policy import PolicySet, load_policies
+from sinkguard.policy import Policy, PolicySet, load_policies
 
 POLICIES = """
 default: act
@@ -77,41 +77,46 @@ def test_mlp_arithmetic():
 
 
 def test_layers_and_heads_the_model_does_not_have_are_refused_by_name(tmp_path):
-    from sinkguard.policy import check_scope
+    from sinkguard.policy import ModelScope, check_scope
 
     path = tmp_path / "p.yaml"
     path.write_text("policies:\n  - name: act\n    interventions:\n"
                     "      - {kind: attention_redistribution, layers: [3], heads: [0, 9]}\n")
     policies = load_policies(path).policies
-    check_scope(policies, num_layers=30, num_heads=10)
+    check_scope(policies, ModelScope(30, 10, (2,)))
     with pytest.raises(ConfigError, match=r"'act': attention_redistribution names heads \[9\] \(the model has 9"):
-        check_scope(policies, num_layers=30, num_heads=9)
+        check_scope(policies, ModelScope(30, 9, (2,)))
     with pytest.raises(ConfigError, match=r"names layers \[3\] \(the model has 3\)"):
-        check_scope(policies, num_layers=3, num_heads=9)
+        check_scope(policies, ModelScope(3, 9, (2,)))
+    # a model whose profile saw no secondary sinks form: ACT would never act; ZeroTuning still can
+    with pytest.raises(ConfigError, match="found none forming"):
+        check_scope(policies, ModelScope(30, 10, ()))
+    check_scope([Policy(name="z", interventions=[FirstTokenScaling(gamma=0.5)])], ModelScope(30, 10, ()))
 
 
 def test_a_request_resolves_to_a_named_inline_or_default_policy():
     import json as _json
 
-    from sinkguard.policy import PolicySet
+    from sinkguard.policy import ModelScope, PolicySet
     from sinkguard.serving.options import RequestOptions
 
     act = {"name": "act", "interventions": [{"kind": "attention_redistribution", "beta": 0.0, "layers": [4]}]}
     closed = PolicySet.model_validate({"default": "act", "policies": [act]})
     opened = closed.model_copy(update={"allow_inline": True})
-    assert RequestOptions().resolved_policy(closed, 30, 9).name == "act"  # the server's default
-    assert RequestOptions(policy="none").resolved_policy(closed, 30, 9).interventions == []
+    scope = ModelScope(30, 9, (2,))
+    assert RequestOptions().resolved_policy(closed, scope).name == "act"  # the server's default
+    assert RequestOptions(policy="none").resolved_policy(closed, scope).interventions == []
     inline = RequestOptions(inline_policy=_json.dumps({"interventions": [{"kind": "mlp_norm_clamp",
                                                                           "relative_norm": 2.0}]}))
     with pytest.raises(ConfigError, match="inline policies are disabled"):
-        inline.resolved_policy(closed, 30, 9)
-    resolved = inline.resolved_policy(opened, 30, 9)
+        inline.resolved_policy(closed, scope)
+    resolved = inline.resolved_policy(opened, scope)
     assert resolved.name == "inline" and resolved.interventions[0].relative_norm == 2.0
     for bad, message in (("[1]", "expected a JSON object"), ("{nope", "Expecting property name"),
                          ('{"interventions": [{"kind": "mlp_norm_clamp"}]}', "exactly one of target_norm"),
                          ('{"interventions": [{"kind": "first_token_scaling", "heads": [12]}]}', r"heads \[12\]")):
         with pytest.raises(ConfigError, match=message):
-            RequestOptions(inline_policy=bad).resolved_policy(opened, 30, 9)
+            RequestOptions(inline_policy=bad).resolved_policy(opened, scope)
     with pytest.raises(ConfigError, match="not both"):
         RequestOptions.from_extra_args({"sinkguard_policy": "act", "sinkguard_inline_policy": "{}"})
     with pytest.raises(ValueError, match="neither 'none' nor 'inline'"):

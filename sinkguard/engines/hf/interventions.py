@@ -37,14 +37,14 @@ from sinkguard.core.plan import (
     formation_rules,
 )
 from sinkguard.engines.hf.attention import intervening_attention
-from sinkguard.policy import Policy, check_scope
+from sinkguard.policy import ModelScope, Policy, check_scope
 
 
 class HFIntervention:
     """The state of one request's run under a policy: its plan per call, its sinks, and what fired."""
 
     def __init__(self, policy: Policy, prompt_tokens: int, profile: Any) -> None:
-        check_scope([policy], profile.model.num_layers, profile.model.num_heads)
+        check_scope([policy], ModelScope.from_profile(profile))
         self.policy = policy
         self.prompt_tokens = prompt_tokens
         self.rules = formation_rules(profile)

@@ -86,7 +86,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
     from sinkguard.engines.vllm.settings import check_engine_settings
-    from sinkguard.policy import check_scope
+    from sinkguard.policy import ModelScope, check_scope
     from sinkguard.profile import SinkProfile
 
     vllm_config = runner.vllm_config
@@ -107,7 +107,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     profile.check_model(info)
     policies = serve_policies(config)
     try:
-        check_scope(policies.policies, profile.model.num_layers, profile.model.num_heads)
+        check_scope(policies.policies, ModelScope.from_profile(profile))
     except ConfigError as exc:
         raise ConfigError(f"policies ({config.policies}): {exc}") from None
     runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=policies)

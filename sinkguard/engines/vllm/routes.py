@@ -134,8 +134,7 @@ def _validate(body: bytes) -> str | None:
     try:
         options = RequestOptions.from_extra_args(xargs)
         if options.policy is not None or options.inline_policy is not None:
-            policies, num_layers, num_heads = _policies()
-            options.resolved_policy(policies, num_layers, num_heads)
+            options.resolved_policy(*_policies())
     except ConfigError as exc:
         return str(exc)
     return None
@@ -144,16 +143,15 @@ def _validate(body: bytes) -> str | None:
 _POLICIES: list[Any] = []
 
 
-def _policies() -> tuple[Any, int, int]:
-    """The server's policy set and its model's layers and heads, read once (the same file and code
-    the workers use)."""
+def _policies() -> tuple[Any, Any]:
+    """The server's policy set and its model's scope, read once (the same file and code the workers use)."""
     if not _POLICIES:
         from sinkguard.engines.vllm.plugin import enabled_config, serve_policies
+        from sinkguard.policy import ModelScope
         from sinkguard.profile import SinkProfile
 
         config = enabled_config()
-        model = SinkProfile.load(config.profile).model
-        _POLICIES.append((serve_policies(config), model.num_layers, model.num_heads))
+        _POLICIES.append((serve_policies(config), ModelScope.from_profile(SinkProfile.load(config.profile))))
     return _POLICIES[0]
 
 

@@ -47,7 +47,7 @@ from sinkguard.core.plan import (
     formation_rules,
 )
 from sinkguard.errors import ConfigError
-from sinkguard.policy import NO_POLICY, PolicySet
+from sinkguard.policy import NO_POLICY, ModelScope, PolicySet
 from sinkguard.profile import SinkProfile
 from sinkguard.serving.faults import FaultGuard, FaultInjector
 from sinkguard.serving.records import RequestTracker
@@ -109,6 +109,7 @@ class VllmSinkRuntime:
         self.rules = formation_rules(profile)
         self.forming_layers = [f.layer for f in profile.meta.forming_layers]
         self.primary_position = profile.reference_position
+        self.scope = ModelScope.from_profile(profile)
         self.memory = SinkMemory()  # per request: its secondary sinks so far (attention edits target them)
         # attention implementations are wrapped only if some request may edit attention
         self.edits_attention = self.policies.allow_inline or any(
@@ -403,7 +404,7 @@ class VllmSinkRuntime:
         extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
         record = self.tracker.get(request_id, extra, prompt_len)
         try:
-            policy = record.options.resolved_policy(self.policies, len(self.rules), self.profile.model.num_heads)
+            policy = record.options.resolved_policy(self.policies, self.scope)
         except ConfigError as exc:  # the API server answers 400; offline engines have no API server
             logger.warning("sinkguard: request %s is served without interventions: %s", request_id, exc)
             policy = self.policies.get(NO_POLICY)
