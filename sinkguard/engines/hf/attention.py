@@ -11,6 +11,7 @@ records the attention mass *after* them.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import sys
 from collections.abc import Iterator
@@ -60,22 +61,22 @@ _intervention: contextvars.ContextVar[Any] = contextvars.ContextVar("sinkguard_a
 
 
 @contextmanager
-def intervening_attention(state: Any) -> Iterator[Any]:
+def _bound(variable: contextvars.ContextVar, value: Any) -> Iterator[Any]:
+    token = variable.set(value)
+    try:
+        yield value
+    finally:
+        variable.reset(token)
+
+
+def recording(recorder: AttentionRecorder) -> contextlib.AbstractContextManager[AttentionRecorder]:
+    """Record every attention layer's sink scores into ``recorder`` inside the block."""
+    return _bound(_active, recorder)
+
+
+def intervening_attention(state: Any) -> contextlib.AbstractContextManager[Any]:
     """Route every attention call through ``state.attend`` (an HFIntervention) inside the block."""
-    token = _intervention.set(state)
-    try:
-        yield state
-    finally:
-        _intervention.reset(token)
-
-
-@contextmanager
-def recording(recorder: AttentionRecorder) -> Iterator[AttentionRecorder]:
-    token = _active.set(recorder)
-    try:
-        yield recorder
-    finally:
-        _active.reset(token)
+    return _bound(_intervention, state)
 
 
 # Keyword arguments that change which keys a query sees in ways the chunked path does not model.
