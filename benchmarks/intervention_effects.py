@@ -21,15 +21,19 @@ from pathlib import Path
 FAMILIES = {"SmolLM2-135M-Instruct": None, "gemma-3-270m": "gemma3-270m"}
 
 
-def settings(selected_act) -> list:
+def settings(selected_act, forming: bool) -> list:
+    """The settings measured; sink-targeting ones only where the profile saw secondary sinks form
+    (elsewhere sinkguard refuses them: they would never act)."""
     from sinkguard.core.interventions import FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval
     from sinkguard.policy import Policy
 
-    policies = [
+    policies = [Policy(name="zerotuning_g0.5", interventions=[FirstTokenScaling(gamma=0.5)])]
+    if not forming:
+        return policies
+    policies += [
         Policy(name="remove_a1", interventions=[MlpProjectionRemoval(alpha=1.0)]),
         Policy(name="remove_a0.5", interventions=[MlpProjectionRemoval(alpha=0.5)]),
         Policy(name="clamp_median", interventions=[MlpNormClamp(relative_norm=1.0)]),
-        Policy(name="zerotuning_g0.5", interventions=[FirstTokenScaling(gamma=0.5)]),
     ]
     if selected_act.interventions:
         policies.append(selected_act)
@@ -58,13 +62,21 @@ def run_family(label: str, spec: str | None, calibration: int, held_out: int, to
     calib = [prompt_token_ids(model, p, config) for p in default_prompts(tokenize, count=calibration, tokens=tokens)]
     test = held_out_prompts(tokenize, count=held_out, tokens=tokens)
     test_ids = [prompt_token_ids(model, p, config) for p in test]
+    forming = bool(profile.meta.forming_layers)
     start = time.perf_counter()
-    selection = select_heads(model, profile, calib, AttentionRedistribution(beta=0.0), progress=False)
+    selection = select_heads(model, profile, calib, AttentionRedistribution(beta=0.0), progress=False) \
+        if forming else None
     selection_seconds = time.perf_counter() - start
-    act = selection.policy("act_selected_b0")
+    act = selection.policy("act_selected_b0") if selection else None
+    if act is not None and act.interventions:
+        import yaml
+
+        policy_file = Path(f"benchmarks/results/act_{label}.yaml")
+        policy_file.write_text(yaml.safe_dump({"policies": [{"name": "act", "interventions": [
+            spec.model_dump(exclude={"phases"}) for spec in act.interventions]}]}, sort_keys=False))
     before = scan(model, test, config, profile=profile, progress=False)
     rows = []
-    for policy in settings(act):
+    for policy in settings(act, forming):
         after = scan(model, test, config, profile=profile, progress=False, policy=policy)
         effect = policy_effect(before, after, policy, model, profile, held_out=test_ids)
         rows.append(effect.to_dict())
@@ -72,8 +84,8 @@ def run_family(label: str, spec: str | None, calibration: int, held_out: int, to
               f"{effect.secondary_sinks}, ppl {effect.perplexity_before} -> {effect.perplexity_after}", flush=True)
     return {"model": label, "layers": profile.model.num_layers, "heads": profile.model.num_heads,
             "forming_layers": [f.layer for f in profile.meta.forming_layers],
-            "selection": {**selection.to_dict(), "seconds": round(selection_seconds, 1),
-                          "tried": len(selection.candidates)},
+            "selection": None if selection is None else {**selection.to_dict(), "seconds": round(selection_seconds, 1),
+                                                         "tried": len(selection.candidates)},
             "effects": rows}
 
 
@@ -87,18 +99,27 @@ def markdown(results: list[dict], command: str) -> str:
              "may hurt quality: perplexity is reported as measured.", ""]
     for result in results:
         sel = result["selection"]
-        kept = ", ".join(f"L{c['layer']}H{c['head']}" for c in sel["kept"]) or "nothing"
         lines += [f"## {result['model']} ({result['layers']} layers, {result['heads']} heads, forming layers "
-                  f"{result['forming_layers']})", "",
-                  f"Head selection for attention_redistribution (beta 0): tried {sel['tried']} (layer, head) pairs "
-                  f"in {sel['seconds']} s; objective {sel['objective']}: {sel['baseline']:.4f} -> "
-                  f"{sel['selected']:.4f} on calibration prompts; kept {len(sel['kept'])}: {kept}.", "",
-                  "| policy | secondary sinks | mass change | still flagged | perplexity without | perplexity with |",
-                  "|---|---|---|---|---|---|"]
+                  f"{result['forming_layers']})", ""]
+        if sel is None:
+            lines += ["Its profile found no secondary sinks forming on the calibration text, so the interventions "
+                      "that act on secondary sinks (MLP edits, ACT) are refused for this model (they would never "
+                      "act); only first-token scaling is measured.", ""]
+        else:
+            kept = ", ".join(f"L{c['layer']}H{c['head']}" for c in sel["kept"]) or "nothing"
+            lines += [f"Head selection for attention_redistribution (beta 0): tried {sel['tried']} (layer, head) "
+                      f"pairs in {sel['seconds']} s; objective {sel['objective']}: {sel['baseline']:.4f} -> "
+                      f"{sel['selected']:.4f} on calibration prompts; kept {len(sel['kept'])}: {kept}.", ""]
+        lines += ["| policy | secondary sinks | their mass | still flagged | primary-sink mass | perplexity without "
+                  "| perplexity with |", "|---|---|---|---|---|---|---|"]
         for row in result["effects"]:
             change = "-" if row["mass_change"] is None else f"{row['mass_change']:+.1%}"
+            primary = "-" if row["primary_mass_change"] is None else f"{row['primary_mass_change']:+.1%}"
             lines.append(f"| {row['policy']} | {row['secondary_sinks']} | {change} | {row['still_flagged']} | "
-                         f"{row['perplexity_before']:.3f} | {row['perplexity_after']:.3f} |")
+                         f"{primary} | {row['perplexity_before']:.3f} | {row['perplexity_after']:.3f} |")
+        if not any(row["secondary_sinks"] for row in result["effects"]):
+            lines.append("")
+            continue
         lines += ["", "Secondary-sink mass by layer (without / with), layers where the sinks are scored:", "",
                   "| policy | " + " | ".join(f"L{i}" for i in range(result["layers"])) + " |",
                   "|---|" + "---|" * result["layers"]]

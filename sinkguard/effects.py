@@ -34,6 +34,7 @@ class PolicyEffect:
     still_flagged: int  # of those, flagged as secondary again with the policy applied
     mass_before: list[float | None]  # per layer: mean attention mass on the baseline's secondary sinks
     mass_after: list[float | None]
+    primary_mass_change: float | None = None  # the primary sink's mass summed over layers, with vs without
     perplexity_before: float | None = None
     perplexity_after: float | None = None
 
@@ -68,6 +69,16 @@ def sink_mass_by_layer(before: ScanResult, after: ScanResult) -> tuple[list[floa
             [None if math.isnan(x) else round(float(x), 6) for x in mean[1]])
 
 
+def primary_mass_change(before: ScanResult, after: ScanResult) -> float | None:
+    """Relative change of the attention the primary sink (each prompt's reference) receives, over all layers."""
+    totals = np.zeros(2)
+    for base, edited in zip(before.prompts, after.prompts):
+        reference = base.detection.reference
+        for column, scan in enumerate((base, edited)):
+            totals[column] += np.nansum(scan.trace.sink_scores[:, reference])
+    return None if totals[0] == 0 else round(float(totals[1] / totals[0] - 1), 6)
+
+
 def still_flagged(before: ScanResult, after: ScanResult) -> tuple[int, int]:
     """(baseline secondary sinks, how many of them the detector flags as secondary again)."""
     total = kept = 0
@@ -94,7 +105,7 @@ def policy_effect(before: ScanResult, after: ScanResult, policy: Policy, model: 
     mass_before, mass_after = sink_mass_by_layer(before, after)
     sinks, kept = still_flagged(before, after)
     effect = PolicyEffect(policy.name, [spec.model_dump() for spec in policy.interventions], len(before.prompts),
-                          sinks, kept, mass_before, mass_after)
+                          sinks, kept, mass_before, mass_after, primary_mass_change(before, after))
     if model is not None and held_out:
         effect.perplexity_before = round(perplexity(model, held_out), 4)
         effect.perplexity_after = round(perplexity(model, held_out, policy, profile), 4)
