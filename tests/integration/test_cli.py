@@ -22,7 +22,7 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
 
 
 def test_every_subcommand_has_help():
-    for command in ([], ["scan"], ["calibrate"], ["demo"], ["pull-model"], ["profile"]):
+    for command in ([], ["scan"], ["calibrate"], ["demo"], ["pull-model"], ["profile"], ["select-heads"]):
         proc = run_cli(*command, "--help")
         assert proc.returncode == 0, proc.stderr
         assert "Usage" in proc.stdout
@@ -104,3 +104,27 @@ def test_calibrate_then_show_profile(tmp_path: Path):
     assert proc.returncode == 0, proc.stderr
     shown = run_cli("profile", str(tmp_path / "prof"))
     assert shown.returncode == 0 and "reference position 0" in shown.stdout
+
+
+def test_select_heads_then_scan_with_the_policy_it_wrote(tmp_path: Path, profile):
+    profile.save(tmp_path / "prof")
+    policy_file = tmp_path / "act.yaml"
+    proc = run_cli("select-heads", "--profile", str(tmp_path / "prof"), "--layers", "3,8", "-n", "2", "-t", "64",
+                   "--out", str(policy_file))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "act.selection.json").read_text())
+    assert len(report["candidates"]) == 2 * profile.model.num_heads
+    assert "tried 18 (layer, head) pairs" in proc.stdout.replace("\n", " ")
+    if not report["kept"]:  # an empty selection is a result; scan with a fixed ACT policy instead
+        policy_file.write_text("policies:\n  - name: act\n    interventions:\n"
+                               "      - {kind: attention_redistribution, beta: 0.0, layers: [3, 8]}\n")
+    proc = run_cli("scan", "-n", "2", "-t", "64", "--profile", str(tmp_path / "prof"), "--policies", str(policy_file),
+                   "--policy", "act", "--no-figures", "--out", str(tmp_path / "scan"))
+    assert proc.returncode == 0, proc.stderr
+    effect = json.loads((tmp_path / "scan" / "policy_effect.json").read_text())
+    assert all((tmp_path / "scan" / side / "report.json").exists() for side in ("before", "after"))
+    assert effect["policy"] == "act" and effect["perplexity_after"] != effect["perplexity_before"]
+    assert "perplexity:" in proc.stdout
+    assert_clean_error(run_cli("scan", "--policy", "act", "--policies", str(policy_file)), "--policy needs")
+    assert_clean_error(run_cli("scan", "--profile", str(tmp_path / "prof"), "--policies", str(policy_file),
+                               "--policy", "nope"), "unknown policy 'nope'")
