@@ -109,9 +109,10 @@ def edit_heads(spec: AttentionRedistribution | FirstTokenScaling, num_heads: int
     return heads
 
 
-KeyReader = Callable[[list[AttentionEdit]], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""``read(edits) -> (keys [B, K, Hkv, D], values [B, K, Hkv, Dv], lengths [B])``: each edit's request's
-whole context so far (positions 0..length-1, padded to K), the way its engine stores it."""
+KeyReader = Callable[[list[AttentionEdit], torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+"""``read(edits, kv_heads) -> (keys [B, K, h, D], values [B, K, h, Dv], lengths [B])``: each edit's
+request's whole context so far (positions 0..length-1, padded to K) on KV heads ``kv_heads``, the
+way its engine stores it."""
 
 
 def redistribute_group(
@@ -121,13 +122,15 @@ def redistribute_group(
     query: torch.Tensor,
     out: torch.Tensor,
     read: KeyReader,
+    num_kv_heads: int,
     scale: float,
     window: int | None,
 ) -> list[int]:
     """Apply one intervention to several requests' queries at one layer in one batched computation.
 
     ``query`` / ``out`` [N, H, D]: the step's queries and attention output (flattened batch);
-    ``edits[i]`` covers rows ``[start, end)``, ``targets[i]`` its sink key positions. Overwrites the
+    ``edits[i]`` covers rows ``[start, end)``, ``targets[i]`` its sink key positions; only the KV heads
+    the edited query heads read are fetched (``num_kv_heads``: the layer's). Overwrites the
     edited heads of the queries that see a target key; returns, per edit, how many queries changed.
     """
     device = query.device
@@ -138,7 +141,8 @@ def redistribute_group(
     valid = offsets[None] < counts[:, None]  # [B, Q]
     rows = torch.where(valid, starts[:, None] + offsets[None], 0)
     positions = torch.tensor([e.first_position for e in edits], device=device)[:, None] + offsets[None]
-    keys, values, lengths = read(edits)
+    heads = torch.tensor(edit_heads(spec, query.shape[1]), device=device)
+    keys, values, lengths = read(edits, heads // (query.shape[1] // num_kv_heads))  # [B, K, h', D]
     key_positions = torch.arange(keys.shape[1], device=device)
     target_mask = torch.zeros(len(edits), keys.shape[1], dtype=torch.bool, device=device)
     for i, found in enumerate(targets):
@@ -150,11 +154,8 @@ def redistribute_group(
     changed = (visible & target_mask[:, None]).any(-1)  # [B, Q]: queries that see a target
     if not bool(changed.any()):
         return [0] * len(edits)
-    heads = torch.tensor(edit_heads(spec, query.shape[1]), device=device)
-    kv_heads = heads // (query.shape[1] // keys.shape[2])
-    edited = redistributed_attention(query[rows].index_select(2, heads), keys.index_select(2, kv_heads),
-                                     values.index_select(2, kv_heads), visible, target_mask, kept_fraction(spec),
-                                     scale)  # [B, Q, h', D]
+    edited = redistributed_attention(query[rows].index_select(2, heads), keys, values, visible, target_mask,
+                                     kept_fraction(spec), scale)  # [B, Q, h', D]
     flat_rows = rows[changed]
     block = out.index_select(0, flat_rows)
     block[:, heads] = edited[changed].to(out.dtype)

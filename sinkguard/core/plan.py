@@ -178,11 +178,11 @@ def edit_mlp_output(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: For
 
 
 def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primary_position: int, scale: float,
-                          window: int | None, query: torch.Tensor, out: torch.Tensor, read: KeyReader
-                          ) -> list[AppliedEdit]:
+                          window: int | None, query: torch.Tensor, out: torch.Tensor, read: KeyReader,
+                          num_kv_heads: int) -> list[AppliedEdit]:
     """Apply the planned attention edits at ``layer`` to ``out`` [N, H, D] (the attention output of
-    the step's queries ``query`` [N, H, D]). ``read(edits)`` gives the edited requests' keys and
-    values the way their engine stores them; everything else is the same for both engines. Edits of
+    the step's queries ``query`` [N, H, D]). ``read(edits, kv_heads)`` gives the edited requests' keys
+    and values the way their engine stores them; everything else is the same for both engines. Edits of
     one intervention with the same number of queries (e.g. every decode request) are computed in
     one batch."""
     edits = plan.attention.get(layer)
@@ -196,8 +196,8 @@ def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primar
     applied = []
     for members in groups.values():
         group = [edit for edit, _ in members]
-        changed = redistribute_group(group[0].intervention, group, [t for _, t in members], query, out, read, scale,
-                                     window)
+        changed = redistribute_group(group[0].intervention, group, [t for _, t in members], query, out, read,
+                                     num_kv_heads, scale, window)
         applied += [AppliedEdit(layer, edit.intervention, edit.policy, np.full(targets.shape, edit.request), targets,
                                 count) for (edit, targets), count in zip(members, changed) if count]
     return applied

@@ -79,13 +79,13 @@ class HFIntervention:
         out = output[0].clone()  # [Q, H, D]
         keys, values = key[0].transpose(0, 1)[None], value[0].transpose(0, 1)[None]  # [1, K, Hkv, D]
 
-        def read(edits: list[AttentionEdit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def read(edits: list[AttentionEdit], kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             count = len(edits)  # one request: several edits share its keys
-            return (keys.expand(count, -1, -1, -1), values.expand(count, -1, -1, -1),
+            return (keys[:, :, kv_heads].expand(count, -1, -1, -1), values[:, :, kv_heads].expand(count, -1, -1, -1),
                     torch.full((count,), keys.shape[1]))
 
         self.applied += apply_attention_edits(layer, self.plan, self.memory, self.primary_position, scale, window,
-                                              query[0].transpose(0, 1), out, read)
+                                              query[0].transpose(0, 1), out, read, key.shape[1])
         return out[None]
 
     def probability_transform(self, layer: int, window: int | None) -> Any:

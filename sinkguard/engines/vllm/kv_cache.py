@@ -36,23 +36,27 @@ class PagedKvReader:
                               "serve with --kv-cache-dtype auto")
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def read(self, kv_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Keys and values of B requests: ``block_tables`` [B, max blocks] (their block table rows),
-        ``lengths`` [B] (tokens each has so far). Returns ``(keys [B, K, Hkv, D], values [B, K, Hkv, Dv],
-        lengths)`` with K = the longest request's blocks x block size; positions past a request's
-        length are padding (whatever its block table row points to)."""
+    def read(self, kv_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
+             kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Keys and values of B requests on the KV heads ``kv_heads``: ``block_tables`` [B, max blocks]
+        (their block table rows), ``lengths`` [B] (tokens each has so far). Returns ``(keys [B, K, h, D],
+        values [B, K, h, Dv], lengths)`` with K = the longest request's blocks x block size; positions
+        past a request's length are padding. Only the needed elements are gathered, not whole blocks."""
         key_map, value_map = self._map_for(kv_cache)
         block_size = kv_cache.shape[2]
         lengths = lengths.to(torch.long).cpu()
         used = max(1, math.ceil(int(lengths.max()) / block_size))
-        blocks = block_tables[:, :used].to(device=kv_cache.device, dtype=torch.long)
-        batch = blocks.shape[0]
-        region = kv_cache.index_select(0, blocks.flatten()).reshape(batch, used, -1)
+        blocks = block_tables[:, :used].to(device=kv_cache.device, dtype=torch.long).reshape(-1, 1)
+        batch = block_tables.shape[0]
+        kv_heads = kv_heads.to(kv_cache.device)
 
         def gather(index: torch.Tensor) -> torch.Tensor:  # index [Hkv, block_size, D]: offsets in a block
-            heads, dim = index.shape[0], index.shape[2]
-            picked = region.index_select(2, index.flatten()).view(batch, used, heads, block_size, dim)
+            chosen = index.index_select(0, kv_heads)
+            heads, dim = chosen.shape[0], chosen.shape[2]
+            # offsets -> (head, slot, content) coordinates of the logical block view: works for any
+            # strides and copies only the gathered elements
+            coords = torch.unravel_index(chosen.reshape(1, -1), tuple(kv_cache.shape[1:]))
+            picked = kv_cache[(blocks, *coords)].view(batch, used, heads, block_size, dim)
             return picked.permute(0, 1, 3, 2, 4).reshape(batch, used * block_size, heads, dim)
 
         return gather(key_map), gather(value_map), lengths

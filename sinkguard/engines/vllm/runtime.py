@@ -298,15 +298,15 @@ class VllmSinkRuntime:
         impl = layer.impl
         reader = layer._sinkguard_reader
 
-        def read(edits: list[AttentionEdit]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        def read(edits: list[AttentionEdit], kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             requests = torch.tensor([edit.request for edit in edits], device=metadata.block_table.device)
             return reader.read(kv_cache, metadata.block_table.index_select(0, requests),
-                               metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)))
+                               metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)), kv_heads)
 
         out = output.view(output.shape[0], impl.num_heads, -1)
         return apply_attention_edits(index, self._plan, self.memory, self.primary_position, impl.scale,
                                      attention_window(impl), query.view(query.shape[0], impl.num_heads, -1), out,
-                                     read)
+                                     read, impl.num_kv_heads)
 
     def _on_step_end(self) -> None:
         start = time.perf_counter()
