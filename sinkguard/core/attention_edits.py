@@ -58,22 +58,30 @@ class SinkMemory:
 
     def __init__(self) -> None:
         self._born: dict[Hashable, dict[int, int]] = {}
+        self._arrays: dict[Hashable, tuple[np.ndarray, np.ndarray]] = {}  # (positions, birth layers), sorted
 
     def flag(self, key: Hashable, positions: np.ndarray, layer: int) -> None:
         born = self._born.setdefault(key, {})
         for position in positions.tolist():
             if born.get(position, layer + 1) > layer:
                 born[position] = layer
+                self._arrays.pop(key, None)
 
     def targets(self, key: Hashable, layer: int) -> np.ndarray:
         """Positions of the request's sinks born below ``layer`` (sorted)."""
-        born = self._born.get(key)
-        if not born:
-            return np.empty(0, dtype=np.int64)
-        return np.array(sorted(p for p, b in born.items() if b < layer), dtype=np.int64)
+        arrays = self._arrays.get(key)
+        if arrays is None:
+            born = self._born.get(key)
+            if not born:
+                return np.empty(0, dtype=np.int64)
+            positions = np.array(sorted(born), dtype=np.int64)
+            arrays = self._arrays[key] = (positions, np.array([born[p] for p in positions.tolist()]))
+        positions, layers = arrays
+        return positions[layers < layer]
 
     def forget(self, key: Hashable) -> None:
         self._born.pop(key, None)
+        self._arrays.pop(key, None)
 
     def keys(self) -> list[Hashable]:
         return list(self._born)
