@@ -112,8 +112,8 @@ def serve_and_query(model, profile_path: Path, policies: Path, prompts, workdir:
         with ThreadPoolExecutor(4) as pool:
             bodies = list(pool.map(send, zip(requests, chosen)))
         table = Table(title="online detection and interventions per request (4 in flight)", title_justify="left")
-        for column in ("response id", "policy", "tokens prefill/decode", "secondary sinks prefill/decode",
-                       "strongest sink", "edits (sink tokens acted on)"):
+        for column in ("id", "policy", "tokens prefill/decode", "secondary sinks prefill/decode",
+                       "strongest sink", "edits @ tokens acted on"):
             table.add_column(column)
         for body in bodies:
             status, found = http_json(server.base_url + f"/sinkguard/requests/{body['id']}")
@@ -121,7 +121,7 @@ def serve_and_query(model, profile_path: Path, policies: Path, prompts, workdir:
             secondary = [e for e in record["events"] if e["kind"] == "secondary"]
             phases = [sum(e["phase"] == p for e in secondary) for p in ("prefill", "decode")]
             strongest = max(secondary, key=lambda e: e["mlp_norm_ratio"] or 0.0, default=None)
-            table.add_row(body["id"][:13] + "…", record["policy"],
+            table.add_row(body["id"][5:11] + "…", record["policy"],
                           f"{record['tokens_scanned']['prefill']}/{record['tokens_scanned']['decode']}",
                           f"{phases[0]}/{phases[1]}",
                           f"{strongest['token']!r}@{strongest['position']} L{strongest['birth_layer']}+"
@@ -138,10 +138,14 @@ def serve_and_query(model, profile_path: Path, policies: Path, prompts, workdir:
         (workdir / "responses.json").write_text(json.dumps(bodies, indent=1))
 
 
+SHORT_NAMES = {"mlp_projection_removal": "removal", "mlp_norm_clamp": "clamp", "attention_redistribution": "ACT",
+               "first_token_scaling": "ZeroTuning"}
+
+
 def describe_edits(record: dict) -> str:
     if not record["interventions_applied"]:
         return "-"
-    counts = ", ".join(f"{kind} x{n}" for kind, n in record["interventions_applied"].items())
+    counts = ", ".join(f"{SHORT_NAMES.get(kind, kind)} x{n}" for kind, n in record["interventions_applied"].items())
     positions = sorted({e["position"] for e in record["interventions"]})
     shown = ", ".join(map(str, positions[:6])) + (" …" if len(positions) > 6 else "")
     return f"{counts}; @{shown}"
