@@ -118,9 +118,9 @@ def edit_heads(spec: AttentionRedistribution | FirstTokenScaling, num_heads: int
 
 
 KeyReader = Callable[[list[AttentionEdit], torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-"""``read(edits, kv_heads) -> (keys [B, K, h, D], values [B, K, h, Dv], lengths [B])``: each edit's
-request's whole context so far (positions 0..length-1, padded to K) on KV heads ``kv_heads``, the
-way its engine stores it."""
+"""``read(edits, kv_heads) -> (keys [h, B, K, D], values [h, B, K, Dv], lengths [B])``: each edit's
+request's whole context so far (positions 0..length-1, padded to K) on KV heads ``kv_heads``
+(head-major), the way its engine stores it."""
 
 
 def redistribute_group(
@@ -150,11 +150,13 @@ def redistribute_group(
     rows = torch.where(valid, starts[:, None] + offsets[None], 0)
     positions = torch.tensor([e.first_position for e in edits], device=device)[:, None] + offsets[None]
     heads = torch.tensor(edit_heads(spec, query.shape[1]), device=device)
-    keys, values, lengths = read(edits, heads // (query.shape[1] // num_kv_heads))  # [B, K, h', D]
-    key_positions = torch.arange(keys.shape[1], device=device)
-    target_mask = torch.zeros(len(edits), keys.shape[1], dtype=torch.bool, device=device)
+    keys, values, lengths = read(edits, heads // (query.shape[1] // num_kv_heads))  # [h', B, K, D]
+    num_keys = keys.shape[2]
+    key_positions = torch.arange(num_keys, device=device)
+    marks = np.zeros((len(edits), num_keys), dtype=bool)
     for i, found in enumerate(targets):
-        target_mask[i, torch.from_numpy(found[found < keys.shape[1]]).to(device)] = True
+        marks[i, found[found < num_keys]] = True
+    target_mask = torch.from_numpy(marks).to(device)
     visible = ((key_positions[None, None] <= positions[..., None]) & valid[..., None]
                & (key_positions[None, None] < lengths.to(device)[:, None, None]))
     if window is not None:
@@ -162,8 +164,10 @@ def redistribute_group(
     changed = (visible & target_mask[:, None]).any(-1)  # [B, Q]: queries that see a target
     if not bool(changed.any()):
         return [0] * len(edits)
-    edited = redistributed_attention(query[rows].index_select(2, heads), keys, values, visible, target_mask,
-                                     kept_fraction(spec), scale)  # [B, Q, h', D]
+    # heads lead as a batch dimension with one KV head each: [h', B, Q|K, 1, D]
+    chosen = query[rows].index_select(2, heads).permute(2, 0, 1, 3).unsqueeze(-2)
+    edited = redistributed_attention(chosen, keys.unsqueeze(-2), values.unsqueeze(-2), visible, target_mask,
+                                     kept_fraction(spec), scale)[..., 0, :].permute(1, 2, 0, 3)  # [B, Q, h', D]
     flat_rows = rows[changed]
     block = out.index_select(0, flat_rows)
     block[:, heads] = edited[changed].to(out.dtype)

@@ -40,8 +40,10 @@ def redistributed_attention(
     num_heads, num_kv = query.shape[-2], keys.shape[-2]
     group = num_heads // num_kv
     q = query.to(dtype).transpose(-3, -2)  # [..., H, Q, D]
-    k = keys.to(dtype).transpose(-3, -2).repeat_interleave(group, dim=-3)  # [..., H, K, D]
-    v = values.to(dtype).transpose(-3, -2).repeat_interleave(group, dim=-3)
+    k = keys.to(dtype).transpose(-3, -2)  # [..., Hkv, K, D]
+    v = values.to(dtype).transpose(-3, -2)
+    if group > 1:
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)  # [..., H, K, D]
     logits = torch.matmul(q, k.transpose(-1, -2)) * scale  # [..., H, Q, K]
     neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=logits.device)
     seen = visible.unsqueeze(-3)  # [..., 1, Q, K]

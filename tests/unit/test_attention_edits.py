@@ -50,13 +50,13 @@ def test_batched_requests_get_exactly_what_each_would_alone():
     for i, sinks in enumerate(([2, 4], [1], [])):
         memory.flag(f"r{i}", np.array(sinks, dtype=np.int64), layer=1)
 
-    def read(edits, kv):
+    def read(edits, kv):  # head-major [h, B, K, D], padded
         width = max(lengths[e.request] for e in edits)
-        keys = torch.zeros(len(edits), width, len(kv), dim)
+        keys = torch.zeros(len(kv), len(edits), width, dim)
         values = torch.zeros_like(keys)
         for row, edit in enumerate(edits):
             k, v = contexts[edit.request]
-            keys[row, : len(k)], values[row, : len(v)] = k[:, kv], v[:, kv]
+            keys[:, row, : len(k)], values[:, row, : len(v)] = k[:, kv].transpose(0, 1), v[:, kv].transpose(0, 1)
         return keys, values, torch.tensor([lengths[e.request] for e in edits])
 
     plain = torch.randn(3, heads, dim)

@@ -55,12 +55,13 @@ def test_keys_and_values_come_back_in_token_order_through_the_block_table():
     cache, keys, values = write(impl, 19, block_table.tolist())
     every_head = torch.arange(HEADS)
     got_keys, got_values, lengths = reader.read(cache, block_table[None], torch.tensor([19]), every_head)
-    assert torch.equal(got_keys[0, :19], keys) and torch.equal(got_values[0, :19], values)
+    assert torch.equal(got_keys[:, 0, :19], keys.transpose(0, 1)) and torch.equal(got_values[:, 0, :19],
+                                                                                  values.transpose(0, 1))
     # two requests in one read, one KV head: the shorter one's keys first, padding after its length
     both, _, lengths = reader.read(cache, torch.stack([block_table, torch.tensor([1, 3, 0, 0])]),
                                    torch.tensor([19, 5]), torch.tensor([1]))
-    assert both.shape == (2, 24, 1, DIM) and lengths.tolist() == [19, 5]
-    assert torch.equal(both[1, :5], keys[8:13, 1:])
+    assert both.shape == (1, 2, 24, DIM) and lengths.tolist() == [19, 5]
+    assert torch.equal(both[0, 1, :5], keys[8:13, 1])
 
 
 def test_a_layout_that_loses_elements_is_refused_not_guessed():

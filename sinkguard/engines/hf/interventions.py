@@ -77,12 +77,10 @@ class HFIntervention:
         if layer not in self.plan.attention:
             return output
         out = output[0].clone()  # [Q, H, D]
-        keys, values = key[0].transpose(0, 1)[None], value[0].transpose(0, 1)[None]  # [1, K, Hkv, D]
-
         def read(edits: list[AttentionEdit], kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            count = len(edits)  # one request: several edits share its keys
-            return (keys[:, :, kv_heads].expand(count, -1, -1, -1), values[:, :, kv_heads].expand(count, -1, -1, -1),
-                    torch.full((count,), keys.shape[1]))
+            count = len(edits)  # one request: [h, 1, K, D] for each of its edits
+            keys, values = key[0, kv_heads, None], value[0, kv_heads, None]
+            return keys.expand(-1, count, -1, -1), values.expand(-1, count, -1, -1), torch.full((count,), key.shape[2])
 
         self.applied += apply_attention_edits(layer, self.plan, self.memory, self.primary_position, scale, window,
                                               query[0].transpose(0, 1), out, read, key.shape[1])

@@ -39,9 +39,10 @@ class PagedKvReader:
     def read(self, kv_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
              kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Keys and values of B requests on the KV heads ``kv_heads``: ``block_tables`` [B, max blocks]
-        (their block table rows), ``lengths`` [B] (tokens each has so far). Returns ``(keys [B, K, h, D],
-        values [B, K, h, Dv], lengths)`` with K = the longest request's blocks x block size; positions
-        past a request's length are padding. Only the needed elements are gathered, not whole blocks."""
+        (their block table rows), ``lengths`` [B] (tokens each has so far). Returns ``(keys [h, B, K, D],
+        values [h, B, K, Dv], lengths)``, head-major (what the attention matmuls read without a copy),
+        with K = the longest request's blocks x block size; positions past a request's length are
+        padding. Only the needed elements are gathered, not whole blocks."""
         key_map, value_map = self._map_for(kv_cache)
         block_size = kv_cache.shape[2]
         lengths = lengths.to(torch.long).cpu()
@@ -49,15 +50,27 @@ class PagedKvReader:
         blocks = block_tables[:, :used].to(device=kv_cache.device, dtype=torch.long).reshape(-1, 1)
         batch = block_tables.shape[0]
         kv_heads = kv_heads.to(kv_cache.device)
+        block_numel = kv_cache[0].numel()
 
         def gather(index: torch.Tensor) -> torch.Tensor:  # index [Hkv, block_size, D]: offsets in a block
             chosen = index.index_select(0, kv_heads)
             heads, dim = chosen.shape[0], chosen.shape[2]
-            # offsets -> (head, slot, content) coordinates of the logical block view: works for any
-            # strides and copies only the gathered elements
-            coords = torch.unravel_index(chosen.reshape(1, -1), tuple(kv_cache.shape[1:]))
-            picked = kv_cache[(blocks, *coords)].view(batch, used, heads, block_size, dim)
-            return picked.permute(0, 1, 3, 2, 4).reshape(batch, used * block_size, heads, dim)
+            strides = _affine(index) if kv_cache.is_contiguous() else None
+            if strides is not None:  # each head's tokens x dims are a strided grid in a block: one strided copy
+                # per head, straight into a head-major buffer (what the attention matmuls read without copying)
+                out = torch.empty(heads, batch * used, block_size, dim, dtype=kv_cache.dtype, device=kv_cache.device)
+                for row, h in enumerate(kv_heads.tolist()):
+                    grid = torch.as_strided(kv_cache, (kv_cache.shape[0], block_size, dim), (block_numel, *strides),
+                                            kv_cache.storage_offset() + int(index[h, 0, 0]))
+                    torch.index_select(grid, 0, blocks.flatten(), out=out[row])
+                return out.view(heads, batch, used * block_size, dim)
+            if kv_cache.is_contiguous():  # one flat gather of exactly the needed elements
+                picked = kv_cache.view(-1)[blocks * block_numel + chosen.reshape(1, -1)]
+            else:  # offsets -> (head, slot, content) coordinates of the logical block view: any strides
+                coords = torch.unravel_index(chosen.reshape(1, -1), tuple(kv_cache.shape[1:]))
+                picked = kv_cache[(blocks, *coords)]
+            picked = picked.view(batch, used, heads, block_size, dim)
+            return picked.permute(2, 0, 1, 3, 4).reshape(heads, batch, used * block_size, dim)
 
         return gather(key_map), gather(value_map), lengths
 
@@ -112,3 +125,17 @@ class PagedKvReader:
         index = torch.empty(count, dtype=torch.long, device=ids.device)
         index[ids] = offsets
         return index.view(shape)
+
+
+def _affine(index: torch.Tensor) -> tuple[int, int] | None:
+    """``(token stride, dim stride)`` if every head's offsets ``index[h]`` [block_size, D] are
+    ``start_h + t * token_stride + d * dim_stride`` (plain or transposed layouts), else None."""
+    if index.shape[1] < 2 or index.shape[2] < 2:
+        return None
+    token_stride = int(index[0, 1, 0] - index[0, 0, 0])
+    dim_stride = int(index[0, 0, 1] - index[0, 0, 0])
+    grid = (torch.arange(index.shape[1], device=index.device)[:, None] * token_stride
+            + torch.arange(index.shape[2], device=index.device)[None, :] * dim_stride)
+    if torch.equal(index - index[:, :1, :1], grid.expand_as(index)):
+        return token_stride, dim_stride
+    return None
