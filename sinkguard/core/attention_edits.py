@@ -90,12 +90,20 @@ class SinkMemory:
 def watch_formations(layer: int, mlp_out: torch.Tensor, watches: list[Watch], rule, memory: SinkMemory,
                      primary_position: int) -> None:
     """Remember the watched requests' tokens that the formation signal flags at ``layer`` (rows of
-    ``mlp_out`` [N, d], read before any edit)."""
-    for watch in watches:
-        rows = mlp_out[watch.start:watch.end]
-        mask = formation_rows(rows, rule.direction, rule.median_norm, rule.min_ratio, rule.cos_threshold)
-        if bool(mask.any()):
-            positions = watch.first_position + np.flatnonzero(mask.cpu().numpy())
+    ``mlp_out`` [N, d], read before any edit). One pass over all watched rows of the step."""
+    spans = [np.arange(w.start, w.end) for w in watches]
+    rows = np.concatenate(spans)
+    mask = formation_rows(mlp_out.index_select(0, torch.from_numpy(rows).to(mlp_out.device)), rule.direction,
+                          rule.median_norm, rule.min_ratio, rule.cos_threshold)
+    if not bool(mask.any()):
+        return
+    hits = mask.cpu().numpy()
+    start = 0
+    for watch, span in zip(watches, spans):
+        flagged = np.flatnonzero(hits[start:start + span.size])
+        start += span.size
+        if flagged.size:
+            positions = watch.first_position + flagged
             memory.flag(watch.key, positions[positions != primary_position], layer)
 
 
