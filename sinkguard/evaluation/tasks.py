@@ -50,7 +50,8 @@ def measure(task: Task, item: dict[str, Any], client: ArmClient, tokenize: Token
         best = max(range(len(scores)), key=scores.__getitem__)
         return {"choice_logprobs": scores, "predicted": best, "correct": best == item["answer"]}
     generation = client.generate(item["prompt"], task.max_tokens, top_logprobs=top_logprobs)
-    return {"text": generation.text, "correct": is_match(generation.text, item["answer"], item.get("match", "contains")),
+    correct = is_match(generation.text, item["answer"], item.get("match", "contains"))
+    return {"text": generation.text, "correct": correct,
             "token_logprobs": generation.token_logprobs, "top_logprobs": generation.top_logprobs,
             "ttft_s": generation.ttft_s, "tpot_s": generation.tpot_s, "output_tokens": generation.output_tokens,
             "response_id": generation.response_id}
