@@ -59,7 +59,8 @@ class RequestOptions(StrictModel):
         except (ValueError, pydantic.ValidationError) as exc:
             detail = describe_validation_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
             raise ConfigError(f"vllm_xargs.sinkguard_inline_policy: {detail}") from None
-        check_scope([policy], scope)
+        if scope is not None:  # None: no model to check against (an API server without sinkguard's config)
+            check_scope([policy], scope)
         return policy
 
     @classmethod

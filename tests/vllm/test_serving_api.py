@@ -3,6 +3,7 @@ records, request-option validation on every endpoint that takes vllm_xargs, n > 
 
 from __future__ import annotations
 
+import json
 import urllib.request
 
 import pytest
@@ -149,3 +150,21 @@ def test_operator_can_switch_detection_off_and_on(server, online_prompts):
     assert ask(server, f"/sinkguard/requests/{observed['id']}", server.user_headers)[0] == 200
     assert http_json(server.base_url + "/sinkguard/detection", {"enabled": "yes"},
                      headers=server.admin_headers)[0] == 400
+
+
+def test_arms_are_model_names_any_client_can_pick(server, online_prompts):
+    status, listing = http_json(server.base_url + "/v1/models", headers=server.user_headers)
+    ids = [m["id"] for m in listing["data"]]
+    assert status == 200 and {"smol", "smol:none", "smol:act", "smol:remove"} <= set(ids), ids
+    request = urllib.request.Request(server.base_url + "/v1/completions", headers={
+        **server.user_headers, "Content-Type": "application/json"}, data=json.dumps({
+            "model": "smol:act", "prompt": online_prompts[3], "max_tokens": 8, "temperature": 0.0}).encode())
+    with urllib.request.urlopen(request, timeout=120) as response:
+        assert response.headers["x-sinkguard-arm"] == "act"
+        body = json.loads(response.read())
+    assert body["model"] == "smol"
+    status, found = ask(server, f"/sinkguard/requests/{body['id']}")
+    assert found["requests"][0]["policy"] == "act"
+    # the same tokens as selecting the policy through vllm_xargs
+    same = completion(server, online_prompts[3], vllm_xargs={"sinkguard_policy": "act"})
+    assert same["choices"][0]["text"] == body["choices"][0]["text"]

@@ -10,6 +10,9 @@ Opt-in like every endpoint plugin (``VLLM_PLUGINS`` must name ``sinkguard``). Ad
 - ``GET /sinkguard/status`` and ``POST /sinkguard/detection`` (``{"enabled": bool}``): the
   detector's state in every worker, and the operator's switch (removes or reinstalls the layer
   observers at run time).
+- arms as model names: every configured policy is listed in ``/v1/models`` as ``<model>:<policy>``
+  (plus ``<model>:none``), and a request for such a name is served by ``<model>`` under that
+  policy, its response tagged ``x-sinkguard-arm`` (``arms.py``);
 - a request-validation middleware: an invalid ``vllm_xargs.sinkguard_*`` option in the JSON body
   of *any* POST (completions, chat, responses, messages, whatever vLLM adds; under any
   ``--root-path``), or the name of a policy the server does not have, gets HTTP 400 naming it
@@ -32,7 +35,9 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from sinkguard.engines.vllm.arms import ARM_HEADER, ARM_SEPARATOR, route_arm, with_arm_models
 from sinkguard.errors import ConfigError
+from sinkguard.policy import NO_POLICY
 from sinkguard.serving.options import RequestOptions
 
 ADMIN_TOKEN_ENV = "SINKGUARD_ADMIN_TOKEN"
@@ -87,12 +92,17 @@ def _is_json(scope: dict) -> bool:
 
 
 class RequestOptionsMiddleware:
-    """Pure ASGI middleware (streaming responses pass through untouched)."""
+    """Pure ASGI middleware (streaming responses pass through untouched): validates sinkguard's
+    request options, routes arm model names (``<served>:<arm>``, see ``arms.py``), tags the
+    response of a routed request with ``x-sinkguard-arm``, and lists the arms in ``/v1/models``."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path", "").endswith("/v1/models"):
+            await self.app(scope, receive, _listing_arms(send))
+            return
         if scope["type"] != "http" or scope.get("method") != "POST" or not _is_json(scope):
             await self.app(scope, receive, send)
             return
@@ -105,10 +115,20 @@ class RequestOptionsMiddleware:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        problem = _validate(body) if size <= MAX_VALIDATED_BODY else None
-        if problem is not None:
-            await _error(problem, 400)(scope, receive, send)
-            return
+        arm = None
+        if size <= MAX_VALIDATED_BODY:
+            try:
+                body, arm = _routed(body)
+                problem = _validate(body)
+            except ConfigError as exc:
+                problem = str(exc)
+            if problem is not None:
+                await _error(problem, 400)(scope, receive, send)
+                return
+        if arm is not None:
+            scope = {**scope, "headers": [(k, str(len(body)).encode() if k == b"content-length" else v)
+                                          for k, v in scope.get("headers", ())]}
+            send = _tagging(send, arm)
         replayed = False
 
         async def replay() -> dict:
@@ -119,6 +139,64 @@ class RequestOptionsMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+def _arms() -> list[str]:
+    policies, scope = _policies()
+    return [NO_POLICY, *policies.names] if scope is not None else []  # none without a sinkguard config
+
+
+def _routed(body: bytes) -> tuple[bytes, str | None]:
+    """The body with an arm model name routed (``vllm_xargs`` set), and the arm."""
+    arms = _arms()
+    if not any(f"{ARM_SEPARATOR}{arm}\"".encode() in body for arm in arms):  # cheap pre-check
+        return body, None
+    try:
+        payload = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return body, None  # vLLM answers malformed JSON itself
+    if not isinstance(payload, dict):
+        return body, None
+    arm = route_arm(payload, arms)
+    return (json.dumps(payload).encode(), arm) if arm is not None else (body, None)
+
+
+def _tagging(send: Any, arm: str) -> Any:
+    async def tagged(message: dict) -> None:
+        if message["type"] == "http.response.start":
+            message = {**message, "headers": [*message.get("headers", ()), (ARM_HEADER.encode(), arm.encode())]}
+        await send(message)
+
+    return tagged
+
+
+def _listing_arms(send: Any) -> Any:
+    """Wrap ``send`` so ``/v1/models``' JSON answer also lists every ``<model>:<arm>``."""
+    start: dict | None = None
+    chunks: list[bytes] = []
+
+    async def listing(message: dict) -> None:
+        nonlocal start
+        if message["type"] == "http.response.start":
+            start = message
+            return
+        if message["type"] != "http.response.body" or start is None:
+            await send(message)
+            return
+        chunks.append(message.get("body", b""))
+        if message.get("more_body"):
+            return
+        body = b"".join(chunks)
+        if start.get("status") == 200:
+            try:
+                body = json.dumps(with_arm_models(json.loads(body), _arms())).encode()
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                pass
+        headers = [(k, str(len(body)).encode() if k == b"content-length" else v) for k, v in start.get("headers", ())]
+        await send({**start, "headers": headers})
+        await send({"type": "http.response.body", "body": body, "more_body": False})
+
+    return listing
 
 
 def _validate(body: bytes) -> str | None:
@@ -151,7 +229,8 @@ def _policies() -> tuple[Any, Any]:
         from sinkguard.profile import SinkProfile
 
         config = enabled_config()
-        _POLICIES.append((serve_policies(config), ModelScope.from_profile(SinkProfile.load(config.profile))))
+        scope = ModelScope.from_profile(SinkProfile.load(config.profile)) if config is not None else None
+        _POLICIES.append((serve_policies(config), scope))
     return _POLICIES[0]
 
 
