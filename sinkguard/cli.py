@@ -291,6 +291,61 @@ def serve(
     raise typer.Exit(status)
 
 
+@app.command("eval")
+def eval_command(
+    server: Annotated[str, typer.Option("--server", help="Base URL of a sinkguard server (vLLM OpenAI API).")],
+    served_model: Annotated[str, typer.Option("--served-model", help="The server's model name (arms are <name>:<arm>).")],
+    arms: Annotated[str, typer.Option("--arms", help="Comma-separated arms (policies); the first is the control.")] = "none",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: perplexity, mmlu, retrieval, generation.")] = "perplexity,mmlu,retrieval",
+    model: ModelOption = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="VLLM_API_KEY", help="The server's API key.")] = None,
+    mmlu_items: Annotated[int, typer.Option("--mmlu-items", min=1, help="MMLU items drawn with --seed.")] = 50,
+    mmlu_file: Annotated[Optional[Path], typer.Option("--mmlu-file", help="Multiple-choice JSONL of MMLU's shape instead of MMLU.")] = None,
+    retrieval_lengths: Annotated[str, typer.Option("--retrieval-lengths", help="Context lengths (tokens), comma-separated.")] = "512,1024",
+    retrieval_items: Annotated[int, typer.Option("--retrieval-items", min=1, help="Items per length and kind.")] = 4,
+    generation: Annotated[Optional[Path], typer.Option("--generation", help="Generation JSONL (prompt, answer, match).")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight per arm.")] = 8,
+    seed: Annotated[int, typer.Option("--seed", help="Seed for item sampling and statistics.")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for run.json and comparison.json.")] = Path("runs/eval"),
+) -> None:
+    """The same items through several arms of one server, compared paired with the first arm."""
+    import json
+
+    from sinkguard.evaluation import build_tasks
+    from sinkguard.evaluation.client import ArmClient
+    from sinkguard.evaluation.compare import compare
+    from sinkguard.evaluation.runner import evaluate
+    from sinkguard.models import resolve_model
+
+    arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    if not arm_list or len(set(arm_list)) != len(arm_list):
+        raise SinkguardError(f"--arms: give distinct arm names, the control first (got {arms!r})")
+    try:
+        lengths = [int(x) for x in retrieval_lengths.split(",")]
+    except ValueError:
+        raise SinkguardError(f"--retrieval-lengths: expected comma-separated integers, got {retrieval_lengths!r}") from None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(model).path)
+    chosen = build_tasks([t.strip() for t in tasks.split(",") if t.strip()], tokenizer, seed=seed,
+                         mmlu_items=mmlu_items, retrieval_lengths=lengths, retrieval_per_length=retrieval_items,
+                         generation_file=generation, multiple_choice_file=mmlu_file)
+    clients = {arm: ArmClient(server, served_model, arm, api_key) for arm in arm_list}
+    config = {"server": server, "served_model": served_model, "arms": arm_list, "tasks": [t.name for t in chosen],
+              "seed": seed, "concurrency": concurrency, "mmlu_items": mmlu_items, "retrieval_lengths": lengths}
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    run = evaluate(clients, chosen, encode, arm_list[0], concurrency, config)
+    run.save(out / "run.json")
+    comparison = compare(run, seed=seed)
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    for name, task in comparison["tasks"].items():
+        for arm, summary in task["arms"].items():
+            value = summary.get("perplexity", summary.get("accuracy"))
+            extra = "" if arm == run.control else (f"  p={summary['pvalue']:.3g} (Holm {summary['pvalue_holm']:.3g})")
+            console.print(f"{name:<12} {arm:<12} {value:.4f}{extra}")
+    console.print(f"wrote {out / 'run.json'} and {out / 'comparison.json'}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the profile, report, figures and server log.")] = Path("runs/demo"),
