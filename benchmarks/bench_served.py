@@ -283,8 +283,10 @@ def markdown(results: list[dict], config: dict, command: str) -> str:
         f"One sinkguard-enabled vLLM server per dtype, driven by `vllm bench serve` (random dataset, "
         f"{config['num_prompts']} prompts of ~{config['input_len']} input / ~{config['output_len']} output tokens, "
         f"range ratio {config['range_ratio']}, Poisson arrivals at {config['request_rate']} req/s, at most "
-        f"{config['max_concurrency']} in flight, greedy, `--ignore-eos`). The detector is switched on and off "
-        f"between rounds in the same server (`POST /sinkguard/detection`), {config['rounds']} pairs of rounds "
+        f"{config['max_concurrency']} in flight, greedy, `--ignore-eos`). "
+        + ("Rounds alternate between the two arms' requests" if config.get("policy") else
+           "The detector is switched on and off between rounds in the same server (`POST /sinkguard/detection`)")
+        + f", {config['rounds']} pairs of rounds "
         "per dtype in ABBA order, both rounds of a pair with the same seed (identical requests and arrival "
         "times), after one discarded warm-up round. Ratios ON / OFF of sums over all rounds; 95% intervals "
         "from a paired bootstrap over round pairs. Detector ms / step: the worker's `detector_seconds` / "
