@@ -115,7 +115,7 @@ def test_unknown_policy_gets_400_naming_it(server, online_prompts):
 
 def test_a_selected_policy_acts_and_is_recorded_and_counted(server, online_prompts):
     body = completion(server, online_prompts[3], vllm_xargs={"sinkguard_policy": "act"})
-    status, found = ask(server, f"/sinkguard/requests/{body['id']}")
+    status, found = ask(server, f"/sinkguard/requests/{body['id']}", server.user_headers)
     record = found["requests"][0]
     assert status == 200 and record["policy"] == "act"
     assert record["interventions_applied"].get("attention_redistribution", 0) > 0, record
@@ -163,7 +163,7 @@ def test_arms_are_model_names_any_client_can_pick(server, online_prompts):
         assert response.headers["x-sinkguard-arm"] == "act"
         body = json.loads(response.read())
     assert body["model"] == "smol"
-    status, found = ask(server, f"/sinkguard/requests/{body['id']}")
+    status, found = ask(server, f"/sinkguard/requests/{body['id']}", server.user_headers)
     assert found["requests"][0]["policy"] == "act"
     # the same tokens as selecting the policy through vllm_xargs
     same = completion(server, online_prompts[3], vllm_xargs={"sinkguard_policy": "act"})
