@@ -12,6 +12,7 @@ import sysconfig
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sinkguard.errors import InputError
 
@@ -44,17 +45,25 @@ def _read_utf8(path: Path) -> str:
         raise InputError(f"{path} is a directory, expected a file") from exc
 
 
-def load_jsonl(path: Path | str) -> list[Prompt]:
-    """Prompts from a JSONL file with a non-empty ``text`` string per line (blank lines skipped)."""
+def read_jsonl(path: Path | str) -> list[tuple[int, Any]]:
+    """``(line number, value)`` of every non-blank line of a UTF-8 JSONL file; InputError names the line."""
     path = Path(path)
-    prompts: list[Prompt] = []
+    rows = []
     for number, line in enumerate(_read_utf8(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
+            rows.append((number, json.loads(line)))
         except json.JSONDecodeError as exc:
             raise InputError(f"{path}:{number}: not valid JSON ({exc.msg})") from exc
+    return rows
+
+
+def load_jsonl(path: Path | str) -> list[Prompt]:
+    """Prompts from a JSONL file with a non-empty ``text`` string per line (blank lines skipped)."""
+    path = Path(path)
+    prompts: list[Prompt] = []
+    for number, record in read_jsonl(path):
         text = record.get("text") if isinstance(record, dict) else None
         if not isinstance(text, str):
             raise InputError(f"{path}:{number}: each line needs a string field 'text'")

@@ -8,7 +8,6 @@ can be traced back to its item in a saved run.
 from __future__ import annotations
 
 import importlib.util
-import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sinkguard.errors import InputError
+from sinkguard.prompts import read_jsonl
 
 CHOICE_KEYS = ("answer_a", "answer_b", "answer_c", "answer_d")
 
@@ -81,20 +81,10 @@ def load_generation(path: Path | str) -> list[dict[str, Any]]:
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(f"cannot read {path}: {exc}") from None
     rows = []
-    for number, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise InputError(f"{path}:{number + 1}: not JSON ({exc.msg})") from None
+    for number, row in read_jsonl(path):
         if not isinstance(row, dict):
-            raise InputError(f"{path}:{number + 1}: expected a JSON object")
+            raise InputError(f"{path}:{number}: expected a JSON object")
         rows.append(row)
     return rows
 

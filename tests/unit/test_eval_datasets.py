@@ -32,7 +32,7 @@ def test_user_files_of_the_same_shape_and_their_errors(tmp_path):
     with pytest.raises(InputError, match="is not A-D or 0-3"):
         load_multiple_choice(bad)
     bad.write_text("{not json\n")
-    with pytest.raises(InputError, match="bad.jsonl:1: not JSON"):
+    with pytest.raises(InputError, match="bad.jsonl:1: not valid JSON"):
         load_multiple_choice(bad)
     generation = tmp_path / "gen.jsonl"
     generation.write_text(json.dumps({"prompt": "Capital of France?", "answer": "Paris"}) + "\n"
