@@ -315,6 +315,7 @@ def eval_command(
     from sinkguard.evaluation.client import ArmClient
     from sinkguard.evaluation.compare import compare
     from sinkguard.evaluation.runner import evaluate
+    from sinkguard.evaluation.summary import comparison_markdown, print_comparison
     from sinkguard.models import resolve_model
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -338,12 +339,41 @@ def eval_command(
     run.save(out / "run.json")
     comparison = compare(run, seed=seed)
     (out / "comparison.json").write_text(json.dumps(comparison, indent=1))
-    for name, task in comparison["tasks"].items():
-        for arm, summary in task["arms"].items():
-            value = summary.get("perplexity", summary.get("accuracy"))
-            extra = "" if arm == run.control else (f"  p={summary['pvalue']:.3g} (Holm {summary['pvalue_holm']:.3g})")
-            console.print(f"{name:<12} {arm:<12} {value:.4f}{extra}")
-    console.print(f"wrote {out / 'run.json'} and {out / 'comparison.json'}")
+    (out / "comparison.md").write_text(comparison_markdown(comparison))
+    print_comparison(comparison, console)
+    console.print(f"wrote {out / 'run.json'}, {out / 'comparison.json'} and {out / 'comparison.md'}")
+
+
+ab_app = typer.Typer(help="Live A/B experiments of policies inside one server.", no_args_is_help=True)
+app.add_typer(ab_app, name="ab")
+
+
+@ab_app.command("report")
+def ab_report_command(
+    log: Annotated[Path, typer.Argument(help="The server's A/B log (JSON lines, one record per request).")],
+    control: Annotated[Optional[str], typer.Option("--control", help="Control arm (default: none, if present).")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the resampling tests.")] = 0,
+) -> None:
+    """Per-arm metrics of a running or finished experiment, with significance that stays valid
+    however often you look (mSPRT) next to the fixed-horizon tests (bootstrap, permutation, Holm)."""
+    import json
+
+    from sinkguard.evaluation.live import ab_report
+    from sinkguard.evaluation.summary import print_ab_report
+    from sinkguard.serving.ab import read_log
+
+    if not log.is_file():
+        raise SinkguardError(f"A/B log not found: {log}")
+    try:
+        rows = read_log(log)
+    except ValueError as exc:
+        raise SinkguardError(str(exc)) from None
+    report = ab_report(rows, control, seed=seed)
+    print_ab_report(report, console)
+    if json_out is not None:
+        json_out.write_text(json.dumps(report, indent=1))
+        console.print(f"wrote {json_out}")
 
 
 @app.command()

@@ -128,3 +128,19 @@ def test_select_heads_then_scan_with_the_policy_it_wrote(tmp_path: Path, profile
     assert_clean_error(run_cli("scan", "--policy", "act", "--policies", str(policy_file)), "--policy needs")
     assert_clean_error(run_cli("scan", "--profile", str(tmp_path / "prof"), "--policies", str(policy_file),
                                "--policy", "nope"), "unknown policy 'nope'")
+
+
+def test_ab_report_reads_a_log_and_fails_clearly_on_a_bad_one(tmp_path: Path):
+    rows = [{"request_id": f"r{i}", "arm": "act" if i % 2 else "none", "assignment": "sticky",
+             "latency_s": 1.0 + 0.3 * (i % 2) + 0.01 * (i % 7), "mean_logprob": -1.5, "secondary_sinks": i % 3,
+             "interventions": 5 * (i % 2)} for i in range(60)]
+    log = tmp_path / "ab.jsonl"
+    log.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    proc = run_cli("ab", "report", str(log), "--json", str(tmp_path / "report.json"))
+    assert proc.returncode == 0, proc.stderr
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["control"] == "none" and report["arms"]["act"]["requests"] == 30
+    assert report["comparisons"]["act"]["latency_s"]["significant"]
+    log.write_text("{not json\n")
+    assert_clean_error(run_cli("ab", "report", str(log)), "ab.jsonl:1: not a JSON line")
+    assert_clean_error(run_cli("ab", "report", str(tmp_path / "missing.jsonl")), "A/B log not found")
