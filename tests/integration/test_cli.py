@@ -22,7 +22,8 @@ def assert_clean_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
 
 
 def test_every_subcommand_has_help():
-    for command in ([], ["scan"], ["calibrate"], ["demo"], ["pull-model"], ["profile"], ["select-heads"]):
+    for command in ([], ["scan"], ["calibrate"], ["demo"], ["pull-model"], ["profile"], ["select-heads"], ["eval"],
+                    ["ab"], ["ab", "report"]):
         proc = run_cli(*command, "--help")
         assert proc.returncode == 0, proc.stderr
         assert "Usage" in proc.stdout
