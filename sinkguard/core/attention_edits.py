@@ -83,9 +83,6 @@ class SinkMemory:
         self._born.pop(key, None)
         self._arrays.pop(key, None)
 
-    def keys(self) -> list[Hashable]:
-        return list(self._born)
-
 
 def watch_formations(layer: int, mlp_out: torch.Tensor, watches: list[Watch], rule, memory: SinkMemory,
                      primary_position: int) -> None:

@@ -13,9 +13,9 @@ import json
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sinkguard.errors import SinkguardError
@@ -37,7 +37,6 @@ class Generation:
     tpot_s: float | None  # (end - first token) / (tokens - 1)
     output_tokens: int
     response_id: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class ArmClient:
@@ -126,8 +125,3 @@ def in_parallel(function: Callable[[T], R], items: Iterable[T], concurrency: int
                 _.result()
         return [f.result() for f in futures]
 
-
-def arm_names(models: Sequence[str], served: str) -> list[str]:
-    """The arms a server exposes as ``<served>:<arm>`` model names."""
-    prefix = f"{served}:"
-    return [m[len(prefix):] for m in models if m.startswith(prefix)]
