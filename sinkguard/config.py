@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sinkguard.errors import ConfigError
 
@@ -193,6 +193,58 @@ class FaultInjection(StrictModel):
     """On every n-th engine step."""
 
 
+class ABConfig(StrictModel):
+    """``ab`` in the serve config: a live experiment of policies (arms) and their traffic weights.
+
+    Requests that select no arm themselves (by model name ``<model>:<arm>``, ``vllm_xargs``, or the
+    override header) are assigned one by weight, sticky per key; see :mod:`sinkguard.serving.ab`."""
+
+    arms: dict[str, float] = Field(min_length=1)
+    """Policy name -> weight (> 0; normalised). ``none`` is the usual control."""
+    control: str = "none"
+    """The arm the others are compared with (must be one of ``arms``)."""
+    sticky: str = "user"
+    """``user`` (the OpenAI ``user`` field), ``header:<name>`` (e.g. ``header:x-session-id``), or ``none``."""
+    override_header: str = Field("x-sinkguard-arm", min_length=1)
+    """Request header that names an arm explicitly (any configured policy; an unknown one is HTTP 400)."""
+    seed: int = 0
+    """Seed of the sticky hash and of the random assignment of keyless requests."""
+    log: str | None = None
+    """JSON-lines file every request is appended to, once (None: not logged)."""
+    log_prompts: bool = False
+    """Also log the request's prompt / messages (off: logs carry no user text)."""
+    record_logprobs: bool = True
+    """Ask the engine for the generated tokens' log-probabilities when the client did not (and remove
+    them from its response), so every request's mean log-probability reaches the log and metrics."""
+
+    @field_validator("arms")
+    @classmethod
+    def _positive(cls, arms: dict[str, float]) -> dict[str, float]:
+        bad = {name: weight for name, weight in arms.items() if not (weight > 0 and math.isfinite(weight))}
+        if bad:
+            raise ValueError(f"arm weights must be finite and > 0: {bad}")
+        return arms
+
+    @field_validator("sticky")
+    @classmethod
+    def _sticky(cls, sticky: str) -> str:
+        if sticky not in ("user", "none") and not (sticky.startswith("header:") and len(sticky) > len("header:")):
+            raise ValueError(f"sticky must be 'user', 'header:<name>' or 'none', not {sticky!r}")
+        return sticky
+
+    @model_validator(mode="after")
+    def _control_is_an_arm(self) -> ABConfig:
+        if self.control not in self.arms:
+            raise ValueError(f"control arm {self.control!r} is not among the arms {sorted(self.arms)}")
+        return self
+
+    def check_policies(self, names: list[str]) -> None:
+        """ConfigError naming an arm that is not a configured policy."""
+        unknown = [arm for arm in self.arms if arm not in names]
+        if unknown:
+            raise ConfigError(f"ab.arms: {unknown} are not configured policies (configured: {names})")
+
+
 class ServeConfig(StrictModel):
     """Settings of the vLLM plugin, read once per process from ``$SINKGUARD_CONFIG`` (JSON)."""
 
@@ -230,6 +282,8 @@ class ServeConfig(StrictModel):
     """Re-check zero-copy activation capture against a copy every this many small steps."""
     prefill_chunk_tokens: int = Field(2048, ge=16)
     """Large steps are reduced this many tokens at a time, bounding the detector's transient memory."""
+    ab: ABConfig | None = None
+    """A live A/B experiment of policies: requests that select no arm are assigned one by weight."""
 
 
 def load_serve_config(path: Path | str) -> ServeConfig:

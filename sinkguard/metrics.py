@@ -44,3 +44,28 @@ class SinkMetrics:
 def sink_metrics() -> SinkMetrics:
     """Process-wide metrics (created once: prometheus_client refuses duplicate names)."""
     return SinkMetrics()
+
+
+class ABMetrics:
+    """Per-arm metrics of a live A/B experiment, updated in the API server process (where the
+    experiment's middleware runs) and exported on the same ``/metrics``."""
+
+    def __init__(self) -> None:
+        labels = ["model_name", "arm"]
+        self.requests = Counter("sinkguard:ab_requests", "A/B requests by arm and how the arm was chosen.",
+                                [*labels, "assignment"])
+        self.latency = Histogram("sinkguard:ab_request_latency_seconds", "End-to-end latency per arm.", labels,
+                                 buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
+        self.ttft = Histogram("sinkguard:ab_time_to_first_token_seconds", "Time to first token per arm (streamed).",
+                              labels, buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+        self.generated_tokens = Counter("sinkguard:ab_generated_tokens", "Generated tokens per arm.", labels)
+        self.mean_logprob = Histogram("sinkguard:ab_mean_logprob", "Mean log-probability of a request's generated "
+                                      "tokens, per arm.", labels,
+                                      buckets=(-8, -4, -3, -2, -1.5, -1, -0.75, -0.5, -0.25, -0.1, -0.01, 0))
+        self.secondary_sinks = Counter("sinkguard:ab_secondary_sinks", "Secondary sinks flagged per arm.", labels)
+        self.interventions = Counter("sinkguard:ab_interventions", "Intervention edits per arm.", labels)
+
+
+@lru_cache(maxsize=1)
+def ab_metrics() -> ABMetrics:
+    return ABMetrics()

@@ -9,6 +9,11 @@ without a key are assigned at random. An explicit arm (model name ``<model>:<arm
 The log is JSON lines, one record per request, appended once: request id, arm, how it was
 assigned, policy, latency, tokens, sink and intervention counts, the mean log-probability of the
 generated tokens; no prompt text unless enabled.
+
+Everything here is engine independent and speaks the OpenAI protocol on plain JSON: deciding a
+request's arm (:func:`decide_arm`), asking for the log-probabilities the log needs
+(:func:`request_logprobs`) and reading a response, whole or streamed (:class:`ResponseObserver`).
+The ASGI plumbing and the sink counts from the workers are in ``engines/vllm/ab_traffic.py``.
 """
 
 from __future__ import annotations
@@ -17,56 +22,16 @@ import hashlib
 import json
 import random
 import threading
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from sinkguard.config import ABConfig
+from sinkguard.errors import ConfigError
 
-from sinkguard.config import StrictModel
-
-
-class ABConfig(StrictModel):
-    """``ab`` in the serve config: arms (policy names) and their traffic weights."""
-
-    arms: dict[str, float] = Field(min_length=1)
-    """Policy name -> weight (> 0; normalised). ``none`` is the usual control."""
-    control: str = "none"
-    sticky: str = "user"
-    """``user`` (the OpenAI ``user`` field), ``header:<name>`` (e.g. ``header:x-session-id``), or ``none``."""
-    override_header: str = "x-sinkguard-arm"
-    seed: int = 0
-    log: str | None = None
-    """JSON-lines file every request is appended to (None: not logged)."""
-    log_prompts: bool = False
-
-    @field_validator("arms")
-    @classmethod
-    def _positive(cls, arms: dict[str, float]) -> dict[str, float]:
-        bad = {name: weight for name, weight in arms.items() if not weight > 0}
-        if bad:
-            raise ValueError(f"arm weights must be > 0: {bad}")
-        return arms
-
-    @field_validator("sticky")
-    @classmethod
-    def _sticky(cls, sticky: str) -> str:
-        if sticky not in ("user", "none") and not (sticky.startswith("header:") and len(sticky) > len("header:")):
-            raise ValueError(f"sticky must be 'user', 'header:<name>' or 'none', not {sticky!r}")
-        return sticky
-
-    @model_validator(mode="after")
-    def _control_is_an_arm(self) -> ABConfig:
-        if self.control not in self.arms:
-            raise ValueError(f"control arm {self.control!r} is not among the arms {sorted(self.arms)}")
-        return self
-
-    def check_policies(self, names: list[str]) -> None:
-        """ConfigError naming an arm that is not a configured policy."""
-        from sinkguard.errors import ConfigError
-
-        unknown = [arm for arm in self.arms if arm not in names]
-        if unknown:
-            raise ConfigError(f"ab.arms: {unknown} are not configured policies (configured: {names})")
+__all__ = ["ABConfig", "ABLog", "Decision", "ResponseObserver", "assign", "decide_arm", "read_log",
+           "request_logprobs", "sticky_key"]
 
 
 Assignment = Literal["sticky", "random", "explicit"]
@@ -95,6 +60,156 @@ def sticky_key(config: ABConfig, headers: dict[str, str], payload: dict[str, Any
     if config.sticky.startswith("header:"):
         return headers.get(config.sticky[len("header:"):].lower()) or None
     return None
+
+
+@dataclass(frozen=True)
+class Decision:
+    arm: str
+    assignment: Assignment
+    key_hash: str | None  # a hash of the sticky key (the log never holds the key itself)
+
+
+def decide_arm(config: ABConfig, payload: dict[str, Any], headers: dict[str, str], named_arm: str | None,
+               policies: list[str], rng: random.Random) -> Decision:
+    """The arm of a request (``payload`` is rewritten in place to run under it).
+
+    Explicit choices win: an arm model name (``named_arm``, already routed), ``vllm_xargs``'
+    policy or inline policy, or the override header (any of ``policies``). Two explicit choices
+    that disagree, or an override naming no policy, are a ConfigError (HTTP 400)."""
+    xargs = payload.get("vllm_xargs")
+    xargs = xargs if isinstance(xargs, dict) else {}
+    override = headers.get(config.override_header.lower())
+    chosen = named_arm or xargs.get("sinkguard_policy")
+    if "sinkguard_inline_policy" in xargs:
+        chosen = "inline"
+    if override is not None:
+        if override not in policies:
+            raise ConfigError(f"header {config.override_header}: {override!r} is not a configured policy "
+                              f"(configured: {policies})")
+        if chosen is not None and chosen != override:
+            raise ConfigError(f"header {config.override_header} selects arm {override!r} but the request selects "
+                              f"{chosen!r}; name one")
+        chosen = override
+    key = sticky_key(config, headers, payload)
+    key_hash = hashlib.sha256(f"{config.seed}\0{key}".encode()).hexdigest()[:16] if key else None
+    if chosen is not None:
+        decision = Decision(chosen, "explicit", key_hash)
+    else:
+        arm, how = assign(config, key, rng)
+        decision = Decision(arm, how, key_hash)
+    if decision.arm != "inline":
+        if not isinstance(payload.get("vllm_xargs"), dict):
+            payload["vllm_xargs"] = {}
+        payload["vllm_xargs"]["sinkguard_policy"] = decision.arm
+    return decision
+
+
+def request_logprobs(payload: dict[str, Any], chat: bool) -> bool:
+    """Ask for the generated tokens' log-probabilities if the client did not; True when they were
+    added (the response must then lose them again). Not with ``echo``: that would also compute the
+    prompt's log-probabilities."""
+    if chat:
+        if payload.get("logprobs"):
+            return False
+        payload["logprobs"], payload["top_logprobs"] = True, 0
+        return True
+    if payload.get("logprobs") is not None or payload.get("echo"):
+        return False
+    payload["logprobs"] = 0  # the sampled token's only
+    return True
+
+
+@dataclass
+class ResponseObserver:
+    """Reads what the log needs from an OpenAI completions / chat response, whole or streamed, and
+    removes the log-probabilities sinkguard asked for (``strip``) before the client sees them."""
+
+    chat: bool
+    stream: bool
+    strip: bool
+    echo: bool = False
+    started: float = field(default_factory=time.perf_counter)
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    response_id: str | None = None
+    logprobs: list[float] = field(default_factory=list)
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    status: int = 0
+    _pending: bytes = b""
+
+    def body(self, data: bytes, more: bool) -> bytes:
+        """A body message of the response; returns the bytes to send on (possibly fewer, held back)."""
+        if not more:
+            self.finished_at = time.perf_counter()
+        if self.status != 200:
+            return data
+        if not self.stream:
+            self._pending += data
+            if more:
+                return b""
+            data, self._pending = self._pending, b""
+            try:
+                payload = json.loads(data)
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                return data
+            changed = self._read(payload)
+            return json.dumps(payload).encode() if changed else data
+        self._pending += data
+        events, _, self._pending = self._pending.rpartition(b"\n\n")
+        if not more and self._pending:  # a last event without its blank line
+            events, self._pending = events + b"\n\n" + self._pending, b""
+        return b"".join(self._event(e) for e in events.split(b"\n\n") if e) if events else b""
+
+    def _event(self, event: bytes) -> bytes:
+        if not event.startswith(b"data:") or event.strip() == b"data: [DONE]":
+            return event + b"\n\n"
+        try:
+            payload = json.loads(event[5:])
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return event + b"\n\n"
+        changed = self._read(payload)
+        return (b"data: " + json.dumps(payload).encode() if changed else event) + b"\n\n"
+
+    def _read(self, payload: Any) -> bool:
+        """Record ids, usage and log-probabilities of one response object; True if it was edited."""
+        if not isinstance(payload, dict):
+            return False
+        self.response_id = self.response_id or payload.get("id")
+        usage = payload.get("usage")
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+        changed = False
+        for choice in payload.get("choices") or ():
+            if not isinstance(choice, dict):
+                continue
+            text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
+            if text and self.first_token_at is None:
+                self.first_token_at = time.perf_counter()
+            logprobs = choice.get("logprobs")
+            if isinstance(logprobs, dict):
+                if self.chat:
+                    self.logprobs += [float(t["logprob"]) for t in logprobs.get("content") or ()
+                                      if isinstance(t, dict) and t.get("logprob") is not None]
+                else:
+                    self.logprobs += [float(x) for x in logprobs.get("token_logprobs") or () if x is not None]
+            if self.strip and "logprobs" in choice:
+                choice["logprobs"], changed = None, True
+        return changed
+
+    def summary(self) -> dict[str, Any]:
+        """The response's part of the log record."""
+        end = self.finished_at or time.perf_counter()
+        generated = self.logprobs
+        if self.echo:  # echoed prompt tokens come first
+            generated = generated[-self.completion_tokens:] if self.completion_tokens else []
+        completion = self.completion_tokens if self.completion_tokens is not None else (len(generated) or None)
+        return {"status": self.status, "response_id": self.response_id,
+                "latency_s": round(end - self.started, 6),
+                "ttft_s": round(self.first_token_at - self.started, 6) if self.first_token_at else None,
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": completion,
+                "mean_logprob": sum(generated) / len(generated) if generated else None}
 
 
 class ABLog:

@@ -131,6 +131,20 @@ class RequestRecord:
         }
 
 
+def summarize(records: list[RequestRecord]) -> dict[str, Any]:
+    """Counts of one client request's records (its n samples summed): what an A/B log line keeps."""
+    kinds: Counter = Counter()
+    applied: Counter = Counter()
+    for record in records:
+        kinds.update(record.kinds)
+        applied.update(record.interventions_applied)
+    return {"policy": records[0].policy if records else None,
+            "tokens_scanned": sum(r.prefill_tokens_scanned + r.decode_tokens_scanned for r in records),
+            "unscanned_steps": sum(r.unscanned_steps for r in records),
+            "sink_counts": {k: kinds.get(k, 0) for k in ("primary", "secondary", "noise")},
+            "interventions": sum(applied.values()), "interventions_applied": dict(applied)}
+
+
 class RequestTracker:
     """Per-request records: live while the request runs, then a store of finished ones bounded by
     count, bytes and age (oldest dropped first)."""
@@ -210,3 +224,8 @@ class RequestTracker:
 
     def lookup(self, client_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
         return [record.to_dict(offset, limit) for record in self.find(client_id)]
+
+    def summaries(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """:func:`summarize` for each of ``client_ids`` that has records (one call for a batch)."""
+        found = {client_id: self.find(client_id) for client_id in client_ids}
+        return {client_id: summarize(records) for client_id, records in found.items() if records}

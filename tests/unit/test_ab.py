@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -9,7 +10,16 @@ from scipy.stats import chisquare
 
 from sinkguard.config import validate_config
 from sinkguard.errors import ConfigError
-from sinkguard.serving.ab import ABConfig, ABLog, assign, read_log, sticky_key
+from sinkguard.serving.ab import (
+    ABConfig,
+    ABLog,
+    ResponseObserver,
+    assign,
+    decide_arm,
+    read_log,
+    request_logprobs,
+    sticky_key,
+)
 
 
 def test_traffic_splits_by_weight_within_sampling_error_and_users_stay_put():
@@ -51,3 +61,102 @@ def test_the_log_has_one_line_per_request(tmp_path):
     for i in range(3):
         log.append({"request_id": f"r{i}", "arm": "none"})
     assert [r["request_id"] for r in read_log(log.path)] == ["r0", "r1", "r2"]
+
+
+POLICIES = ["none", "act", "remove"]
+
+
+def decide(payload: dict, headers: dict | None = None, named: str | None = None, **config):
+    return decide_arm(ABConfig(arms={"none": 1, "act": 1}, **config), payload, headers or {}, named, POLICIES,
+                      random.Random(0))
+
+
+def test_explicit_choices_win_and_contradictions_are_refused():
+    payload = {"user": "alice"}
+    decision = decide(payload)
+    assert decision.assignment == "sticky" and payload["vllm_xargs"] == {"sinkguard_policy": decision.arm}
+    assert decision.key_hash and "alice" not in decision.key_hash
+    assert decide({}, named="remove").arm == "remove"  # an arm model name, already routed
+    assert decide({"vllm_xargs": {"sinkguard_policy": "act"}}) == decide({}, named="act")
+    assert decide({}, {"x-sinkguard-arm": "remove"}).assignment == "explicit"
+    inline = {"vllm_xargs": {"sinkguard_inline_policy": "{}"}}
+    assert decide(inline).arm == "inline" and "sinkguard_policy" not in inline["vllm_xargs"]
+    with pytest.raises(ConfigError, match="'nope' is not a configured policy"):
+        decide({}, {"x-sinkguard-arm": "nope"})
+    with pytest.raises(ConfigError, match="selects arm 'remove' but the request selects 'act'"):
+        decide({}, {"x-sinkguard-arm": "remove"}, named="act")
+    assert decide({}, {"x-exp": "act"}, override_header="X-Exp").arm == "act"
+
+
+def test_logprobs_are_requested_only_when_missing_and_never_with_echo():
+    completions, chat = {}, {}
+    assert request_logprobs(completions, chat=False) and completions["logprobs"] == 0
+    assert request_logprobs(chat, chat=True) and chat == {"logprobs": True, "top_logprobs": 0}
+    assert not request_logprobs({"logprobs": 3}, chat=False)
+    assert not request_logprobs({"echo": True}, chat=False)
+    assert not request_logprobs({"logprobs": True, "top_logprobs": 2}, chat=True)
+
+
+def sse(*chunks: dict) -> bytes:
+    return b"".join(b"data: " + json.dumps(c).encode() + b"\n\n" for c in chunks) + b"data: [DONE]\n\n"
+
+
+def test_streamed_answers_are_read_across_message_boundaries_and_stripped():
+    chunks = [{"id": "cmpl-1", "choices": [{"text": t, "logprobs": {"token_logprobs": [lp], "tokens": [t]}}]}
+              for t, lp in (("a", -1.0), ("b", -2.0), ("c", -0.5))]
+    chunks.append({"id": "cmpl-1", "choices": [], "usage": {"prompt_tokens": 4, "completion_tokens": 3}})
+    raw = sse(*chunks)
+    observer = ResponseObserver(chat=False, stream=True, strip=True)
+    observer.status = 200
+    sent = b"".join(observer.body(raw[i:i + 7], more=i + 7 < len(raw)) for i in range(0, len(raw), 7))
+    events = [e for e in sent.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and len(events) == len(chunks) + 1
+    assert all(c.get("logprobs") is None for e in events[:-1] for c in json.loads(e[5:])["choices"])
+    summary = observer.summary()
+    assert summary["response_id"] == "cmpl-1" and summary["completion_tokens"] == 3
+    assert summary["mean_logprob"] == pytest.approx(-3.5 / 3) and summary["ttft_s"] is not None
+
+
+def test_whole_answers_keep_what_the_client_asked_for():
+    answer = {"id": "chatcmpl-2", "choices": [{"message": {"content": "hi"}, "logprobs": {"content": [
+        {"token": "hi", "logprob": -0.25, "top_logprobs": []}]}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 1}}
+    kept = ResponseObserver(chat=True, stream=False, strip=False)
+    kept.status = 200
+    raw = json.dumps(answer).encode()
+    assert kept.body(raw[:10], more=True) == b"" and kept.body(raw[10:], more=False) == raw
+    assert kept.summary()["mean_logprob"] == -0.25 and kept.summary()["prompt_tokens"] == 5
+    stripped = ResponseObserver(chat=True, stream=False, strip=True)
+    stripped.status = 200
+    assert json.loads(stripped.body(raw, more=False))["choices"][0]["logprobs"] is None
+    failed = ResponseObserver(chat=True, stream=False, strip=True)
+    failed.status = 400
+    assert failed.body(b'{"error": 1}', more=False) == b'{"error": 1}' and failed.summary()["mean_logprob"] is None
+
+
+def test_echoed_prompt_log_probabilities_are_not_counted_as_generated():
+    answer = {"id": "cmpl-3", "choices": [{"text": "xy", "logprobs": {"token_logprobs": [None, -5.0, -5.0, -1.0]}}],
+              "usage": {"prompt_tokens": 3, "completion_tokens": 1}}
+    observer = ResponseObserver(chat=False, stream=False, strip=False, echo=True)
+    observer.status = 200
+    observer.body(json.dumps(answer).encode(), more=False)
+    assert observer.summary()["mean_logprob"] == -1.0
+
+
+def test_a_server_with_a_bad_experiment_does_not_start(tmp_path, monkeypatch):
+    from sinkguard.engines.vllm.plugin import CONFIG_ENV, enabled_config
+
+    policies = tmp_path / "policies.json"
+    policies.write_text(json.dumps({"policies": [{"name": "act", "interventions": [
+        {"kind": "attention_redistribution", "beta": 0.2}]}]}))
+    config = tmp_path / "serve.json"
+    monkeypatch.setenv(CONFIG_ENV, str(config))
+    config.write_text(json.dumps({"profile": "p", "policies": str(policies), "ab": {"arms": {"none": 1, "acts": 1}}}))
+    with pytest.raises(ConfigError, match=r"ab.arms: \['acts'\] are not configured policies"):
+        enabled_config()
+    config.write_text(json.dumps({"profile": "p", "ab": {"arms": {"none": -1}}}))
+    with pytest.raises(ConfigError, match=r"ab.arms: .*finite and > 0"):
+        enabled_config()
+    config.write_text(json.dumps({"profile": "p", "ab": {"arms": {"none": 1}, "log": "/proc/nope/l.jsonl"}}))
+    with pytest.raises(ConfigError, match="ab.log"):
+        enabled_config()

@@ -25,10 +25,12 @@ from __future__ import annotations
 import functools
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 from sinkguard.config import ServeConfig, load_serve_config
 from sinkguard.errors import ConfigError
+from sinkguard.policy import NO_POLICY
 
 logger = logging.getLogger("sinkguard")
 
@@ -44,8 +46,23 @@ def enabled_config() -> ServeConfig | None:
     config = load_serve_config(path)
     if not config.enabled:
         return None
-    serve_policies(config)
+    policies = serve_policies(config)
+    if config.ab is not None:
+        check_ab(config.ab, [NO_POLICY, *policies.names])
     return config
+
+
+def check_ab(ab: Any, policies: list[str]) -> None:
+    """Start-up checks of the A/B experiment: its arms are policies, its log can be written."""
+    ab.check_policies(policies)
+    if ab.log is not None:
+        folder = Path(ab.log).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"ab.log: cannot create the folder of {ab.log}: {exc}") from None
+        if not os.access(folder, os.W_OK) or (Path(ab.log).exists() and not os.access(ab.log, os.W_OK)):
+            raise ConfigError(f"ab.log: {ab.log} is not writable")
 
 
 def serve_policies(config: ServeConfig | None) -> Any:
@@ -191,6 +208,12 @@ def sinkguard_lookup(self: Any, request_id: str, offset: int = 0, limit: int | N
     return runtime.lookup(request_id, offset, limit) if runtime is not None and runtime.record else []
 
 
+def sinkguard_summaries(self: Any, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+    """Worker RPC: sink and intervention counts of a batch of requests (the A/B log's), by client id."""
+    runtime = _runtime_of(self)
+    return runtime.summaries(client_ids) if runtime is not None and runtime.record else {}
+
+
 def sinkguard_status(self: Any) -> dict[str, Any]:
     """Worker RPC: whether the detector is installed, and its counters."""
     runtime = _runtime_of(self)
@@ -227,5 +250,6 @@ def register() -> None:
         if (worker_cls := _import_class(module, name)) is not None:
             _wrap_worker(worker_cls)
     WorkerBase.sinkguard_lookup = sinkguard_lookup  # type: ignore[attr-defined]
+    WorkerBase.sinkguard_summaries = sinkguard_summaries  # type: ignore[attr-defined]
     WorkerBase.sinkguard_status = sinkguard_status  # type: ignore[attr-defined]
     WorkerBase.sinkguard_set_detection = sinkguard_set_detection  # type: ignore[attr-defined]

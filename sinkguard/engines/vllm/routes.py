@@ -35,6 +35,7 @@ from typing import Any
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
+from sinkguard.engines.vllm.ab_traffic import ABTraffic, is_generation
 from sinkguard.engines.vllm.arms import ARM_HEADER, ARM_SEPARATOR, route_arm, with_arm_models
 from sinkguard.errors import ConfigError
 from sinkguard.policy import NO_POLICY
@@ -94,10 +95,12 @@ def _is_json(scope: dict) -> bool:
 class RequestOptionsMiddleware:
     """Pure ASGI middleware (streaming responses pass through untouched): validates sinkguard's
     request options, routes arm model names (``<served>:<arm>``, see ``arms.py``), tags the
-    response of a routed request with ``x-sinkguard-arm``, and lists the arms in ``/v1/models``."""
+    response of a routed request with ``x-sinkguard-arm``, lists the arms in ``/v1/models``, and
+    runs the live A/B experiment when the config has one (``ab_traffic.py``)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, endpoints: SinkguardEndpoints | None = None) -> None:
         self.app = app
+        self.endpoints = endpoints
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http" and scope.get("method") == "GET" and scope.get("path", "").endswith("/v1/models"):
@@ -115,19 +118,25 @@ class RequestOptionsMiddleware:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        arm = None
+        arm, trial, traffic = None, None, None
         if size <= MAX_VALIDATED_BODY:
             try:
                 body, arm = _routed(body)
                 problem = _validate(body)
+                if problem is None and is_generation(scope) and (traffic := self._traffic()) is not None:
+                    if (begun := traffic.begin(scope, body, arm)) is not None:
+                        body, trial = begun
             except ConfigError as exc:
                 problem = str(exc)
             if problem is not None:
                 await _error(problem, 400)(scope, receive, send)
                 return
-        if arm is not None:
+        if arm is not None or trial is not None:
             scope = {**scope, "headers": [(k, str(len(body)).encode() if k == b"content-length" else v)
                                           for k, v in scope.get("headers", ())]}
+        if trial is not None:
+            send = traffic.observing(send, trial)
+        elif arm is not None:
             send = _tagging(send, arm)
         replayed = False
 
@@ -138,7 +147,33 @@ class RequestOptionsMiddleware:
                 return {"type": "http.request", "body": body, "more_body": False}
             return await receive()
 
-        await self.app(scope, replay, send)
+        try:
+            await self.app(scope, replay, send)
+        finally:
+            if trial is not None:
+                traffic.finish(trial)  # once per request, whether it completed, failed or was abandoned
+
+    def _traffic(self) -> ABTraffic | None:
+        """The server's A/B experiment (None: none configured), built on first use."""
+        if not _TRAFFIC:
+            from sinkguard.engines.vllm.plugin import enabled_config
+
+            config = enabled_config()
+            traffic = None
+            if config is not None and config.ab is not None:
+                from sinkguard.profile import SinkProfile
+
+                policies, _ = _policies()
+                engine = self.endpoints.engine_client if self.endpoints is not None else None
+                rpc = (lambda method, args: engine.collective_rpc(method, args=args)) if engine is not None else None
+                traffic = ABTraffic(config.ab, [NO_POLICY, *policies.names],
+                                    config.model_name or SinkProfile.load(config.profile).model.name, rpc,
+                                    config.metrics)
+            _TRAFFIC.append(traffic)
+        return _TRAFFIC[0]
+
+
+_TRAFFIC: list[ABTraffic | None] = []
 
 
 def _arms() -> list[str]:
@@ -262,7 +297,7 @@ class SinkguardEndpoints:
         router.add_api_route("/status", self.get_status, methods=["GET"])
         router.add_api_route("/detection", self.set_detection, methods=["POST"])
         app.include_router(router)
-        app.add_middleware(RequestOptionsMiddleware)
+        app.add_middleware(RequestOptionsMiddleware, endpoints=self)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
         self.engine_client = engine_client

@@ -422,6 +422,10 @@ class VllmSinkRuntime:
         self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
         return self.tracker.lookup(client_id, offset, limit)
 
+    def summaries(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
+        return self.tracker.summaries(client_ids)
+
     def status(self) -> dict[str, Any]:
         return {
             "runtime": True,
