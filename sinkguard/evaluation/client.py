@@ -4,7 +4,8 @@ Log-likelihoods are read the way lm-evaluation-harness reads them from a complet
 (``echo: true, logprobs: 1, max_tokens: 1``: the prompt's token log-probabilities), so both give
 the same numbers for the same arm. Generations stream, so each one yields its time to first token
 and time per output token. An arm is selected by its model name (``<served>:<arm>``) or, for
-servers without arm names, by ``vllm_xargs``.
+servers without arm names, by ``vllm_xargs``. Every response's ``id`` is kept, so the request's
+sink record can be read back from a sinkguard server (``GET /sinkguard/requests/{id}``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -22,6 +24,7 @@ from sinkguard.errors import SinkguardError
 
 T = TypeVar("T")
 R = TypeVar("R")
+RECORD_PAGE_EVENTS = 1024  # the server's largest page of events (routes.MAX_PAGE_EVENTS)
 
 
 class ServerRequestError(SinkguardError):
@@ -36,6 +39,12 @@ class Generation:
     ttft_s: float
     tpot_s: float | None  # (end - first token) / (tokens - 1)
     output_tokens: int
+    response_id: str
+
+
+@dataclass
+class PromptLogprobs:
+    logprobs: list[float | None]  # every prompt token's, given the ones before (the first is None)
     response_id: str
 
 
@@ -67,12 +76,49 @@ class ArmClient:
             detail = exc.read().decode(errors="replace")[:500]
             raise ServerRequestError(f"{path} for arm {self.arm!r}: HTTP {exc.code}: {detail}") from None
 
-    def prompt_logprobs(self, prompt: str | list[int]) -> list[float | None]:
+    def prompt_logprobs(self, prompt: str | list[int]) -> PromptLogprobs:
         """Log-probability of every prompt token given the ones before (the first is None)."""
         body = self._post("/v1/completions", self._body(prompt=prompt, max_tokens=1, echo=True, logprobs=1,
                                                         temperature=0.0))
         logprobs = body["choices"][0]["logprobs"]["token_logprobs"]
-        return logprobs[:-1]  # the last entry is the one generated token
+        return PromptLogprobs(logprobs[:-1], str(body.get("id", "")))  # the last entry is the generated token
+
+    def _get(self, path: str) -> dict[str, Any] | None:
+        """GET ``path`` as JSON; None on 404."""
+        request = urllib.request.Request(self.base_url + path, headers=self.headers)
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404:
+                return None
+            detail = exc.read().decode(errors="replace")[:500]
+            raise ServerRequestError(f"{path}: HTTP {exc.code}: {detail}") from None
+
+    def has_sink_records(self) -> bool:
+        """Whether the server has sinkguard's routes: ``/sinkguard/status`` exists (401 without the
+        admin token still means it does); a plain vLLM server answers 404."""
+        try:
+            return self._get("/sinkguard/status") is not None
+        except ServerRequestError:
+            return True
+
+    def sink_records(self, response_id: str) -> list[dict[str, Any]] | None:
+        """The sink record(s) of a request by its response id (one per sample), every event page
+        read; None if the server has no record of it (unknown or evicted)."""
+        path = f"/sinkguard/requests/{urllib.parse.quote(response_id, safe='')}"
+        first = self._get(f"{path}?limit={RECORD_PAGE_EVENTS}")
+        if first is None:
+            return None
+        records = first["requests"]
+        for index, record in enumerate(records):
+            while len(record["events"]) < record.get("events_total", 0):
+                page = self._get(f"{path}?offset={len(record['events'])}&limit={RECORD_PAGE_EVENTS}")
+                more = page["requests"][index]["events"] if page and index < len(page["requests"]) else []
+                if not more:
+                    break
+                record["events"].extend(more)
+        return records
 
     def generate(self, prompt: str | list[int], max_tokens: int, top_logprobs: int = 0,
                  stop: list[str] | None = None) -> Generation:

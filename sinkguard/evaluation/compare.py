@@ -3,11 +3,13 @@
 Per task and arm: the aggregate (perplexity, accuracy, accuracy by context length), the paired
 effect with its uncertainty -- continuous metrics (per-item negative log-likelihood per token):
 mean difference with a paired BCa bootstrap interval and a paired permutation p-value; accuracy:
-the difference with an exact McNemar p-value -- and Holm's correction across all arms and metrics.
+Wilson intervals per arm (and per context length), the paired difference with a bootstrap interval
+and an exact McNemar p-value -- and Holm's correction across all arms and metrics.
 Generations are also compared with the control arm's token by token: the first position where the
 greedy outputs differ, top-1 agreement and KL(control || arm) over the returned top-k
 log-probabilities at the positions where both saw the same context. Latency per arm: time to
-first token and time per output token of the streamed generations.
+first token and time per output token of the streamed generations. Sink statistics per arm, when
+the run has them, with every arm's by-layer counts over the same layers.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from sinkguard.evaluation import sink_stats
 from sinkguard.evaluation.runner import EvalRun
 from sinkguard.evaluation.tasks import accuracy, perplexity
 from sinkguard.stats import holm, mcnemar_exact, paired_bootstrap
@@ -89,11 +92,15 @@ def compare(run: EvalRun, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
                     pvalues.append(summary["pvalue"])
             else:
                 summary["accuracy"] = accuracy(rows)
+                summary["accuracy_interval"] = wilson(sum(bool(r["correct"]) for r in rows), len(rows))
                 if kind == "retrieval":
                     summary["accuracy_by_length"] = _by_length(task["items"], rows)
+                    summary["accuracy_by_length_interval"] = _by_length_interval(task["items"], rows)
                 if arm != run.control:
                     test = mcnemar_exact([r["correct"] for r in rows], [r["correct"] for r in base])
                     summary["accuracy_diff"] = summary["accuracy"] - accuracy(base)
+                    summary["accuracy_diff_interval"] = paired_bootstrap(
+                        [float(r["correct"]) for r in rows], [float(r["correct"]) for r in base], seed=seed).to_dict()
                     summary["discordant"] = {"only_arm": test.only_treatment, "only_control": test.only_control}
                     summary["pvalue"] = test.pvalue
                     tests.append((name, arm, "accuracy"))
@@ -113,7 +120,38 @@ def compare(run: EvalRun, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
                                         for r in t["results"][arm]])
     out["alpha"] = alpha
     out["tests"] = len(pvalues)
+    out["sink_stats"] = _sink_stats(run)
     return out
+
+
+def wilson(successes: int, trials: int, confidence: float = 0.95) -> dict[str, float] | None:
+    """Wilson score interval of a proportion (sound at 0/n and n/n, unlike the normal one)."""
+    from statsmodels.stats.proportion import proportion_confint
+
+    if trials == 0:
+        return None
+    low, high = proportion_confint(successes, trials, alpha=1 - confidence, method="wilson")
+    return {"low": float(low), "high": float(high), "successes": successes, "trials": trials}
+
+
+def _by_length_interval(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
+    groups: dict[int, list[bool]] = {}
+    for item, row in zip(items, rows):
+        groups.setdefault(int(item["length"]), []).append(bool(row["correct"]))
+    return {str(length): wilson(sum(v), len(v)) for length, v in sorted(groups.items())}
+
+
+def _sink_stats(run: EvalRun) -> dict[str, Any] | None:
+    """The run's sink statistics per arm (overall and per task), by-layer lists aligned across arms."""
+    found = run.sink_stats
+    if not found or not found.get("available"):
+        return found
+    arms = {arm: found["arms"][arm] for arm in run.arms if arm in found["arms"]}
+    overall = sink_stats.padded({arm: entry["all"] for arm, entry in arms.items() if "all" in entry})
+    tasks = {name: sink_stats.padded({arm: entry["tasks"][name] for arm, entry in arms.items()
+                                      if name in entry.get("tasks", {})})
+             for name in run.tasks}
+    return {key: found[key] for key in ("available", "source", "label")} | {"arms": overall, "tasks": tasks}
 
 
 def _by_length(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, float]:

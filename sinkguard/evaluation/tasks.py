@@ -9,7 +9,9 @@ aggregates (perplexity, accuracy) are computed from them, never stored instead o
   scores it (``acc``: the highest wins; context and continuation encoded separately);
 - ``retrieval`` and ``generation``: greedy generation, scored by exact match / containment / regex;
 - every generation also yields its tokens' log-probabilities and top-k alternatives (for agreement
-  with the control arm), its time to first token and time per output token.
+  with the control arm), its time to first token and time per output token;
+- every measurement keeps its requests' response ids (``response_id`` / ``response_ids``), by which
+  the server's sink records are read back (:mod:`sinkguard.evaluation.sink_stats`).
 """
 
 from __future__ import annotations
@@ -38,17 +40,20 @@ def measure(task: Task, item: dict[str, Any], client: ArmClient, tokenize: Token
     """One item under one arm: the per-item measurements of ``task``."""
     if task.kind == "perplexity":
         tokens = item["token_ids"]
-        logprobs = [x for x in client.prompt_logprobs(tokens)[1:] if x is not None]
-        return {"logprob_sum": sum(logprobs), "tokens": len(logprobs)}
+        scored = client.prompt_logprobs(tokens)
+        logprobs = [x for x in scored.logprobs[1:] if x is not None]
+        return {"logprob_sum": sum(logprobs), "tokens": len(logprobs), "response_id": scored.response_id}
     if task.kind == "multiple_choice":
         context = tokenize(multiple_choice_prompt(item))
-        scores = []
+        scores, response_ids = [], []
         for letter in "ABCD"[: len(item["choices"])]:
             continuation = tokenize(" " + letter)
-            logprobs = client.prompt_logprobs(context + continuation)
-            scores.append(sum(x for x in logprobs[len(context):] if x is not None))
+            scored = client.prompt_logprobs(context + continuation)
+            scores.append(sum(x for x in scored.logprobs[len(context):] if x is not None))
+            response_ids.append(scored.response_id)
         best = max(range(len(scores)), key=scores.__getitem__)
-        return {"choice_logprobs": scores, "predicted": best, "correct": best == item["answer"]}
+        return {"choice_logprobs": scores, "predicted": best, "correct": best == item["answer"],
+                "response_ids": response_ids}
     generation = client.generate(item["prompt"], task.max_tokens, top_logprobs=top_logprobs)
     correct = is_match(generation.text, item["answer"], item.get("match", "contains"))
     return {"text": generation.text, "correct": correct,
