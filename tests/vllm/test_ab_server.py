@@ -1,0 +1,192 @@
+"""The live A/B experiment in a real server: the split follows the weights, users stay on their arm,
+overrides win, the assigned arm's policy runs, every request is logged exactly once with its sink
+counts and mean log-probability, per-arm metrics reach /metrics, and bad input is a 400."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from scipy.stats import chisquare
+
+from sinkguard.config import ABConfig, ServeConfig
+from sinkguard.engines.vllm.server import http_json
+from sinkguard.serving.ab import assign, read_log
+
+API_KEY = "sk-ab-test"
+AB = ABConfig(arms={"none": 2, "act": 1, "remove": 1}, sticky="user", seed=7)
+USERS = 240
+
+
+class Client:
+    """Requests to the experiment's server; remembers every request that reached vLLM."""
+
+    def __init__(self, base_url: str) -> None:
+        self.base_url = base_url
+        self.reached: list[str] = []  # response ids of answered requests
+        self._lock = threading.Lock()
+
+    def post(self, path: str, body: dict, headers: dict | None = None) -> tuple[int, dict, dict]:
+        request = urllib.request.Request(self.base_url + path, data=json.dumps(body).encode(), headers={
+            "Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}", **(headers or {})})
+        try:
+            with urllib.request.urlopen(request, timeout=300) as response:
+                raw, status, got = response.read(), response.status, dict(response.headers)
+        except urllib.error.HTTPError as exc:
+            raw, status, got = exc.read(), exc.code, dict(exc.headers)
+        got = {k.lower(): v for k, v in got.items()}
+        if body.get("stream"):
+            events = [json.loads(line[5:]) for line in raw.decode().splitlines()
+                      if line.startswith("data:") and line.strip() != "data: [DONE]"]
+            answer = {"id": events[0]["id"], "events": events} if status == 200 else json.loads(raw)
+        else:
+            answer = json.loads(raw)
+        if status == 200:
+            with self._lock:
+                self.reached.append(answer["id"])
+        return status, answer, got
+
+    def complete(self, prompt, headers: dict | None = None, **fields) -> tuple[int, dict, dict]:
+        return self.post("/v1/completions", {"model": "smol", "prompt": prompt, "max_tokens": 4,
+                                             "temperature": 0.0, **fields}, headers)
+
+
+@pytest.fixture(scope="module")
+def experiment(hf_model, served_profile, policy_file, tmp_path_factory):
+    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+
+    folder = tmp_path_factory.mktemp("ab")
+    ab = AB.model_copy(update={"log": str(folder / "ab.jsonl")})
+    config = ServeConfig(profile=str(served_profile[0]), policies=str(policy_file), ab=ab)
+    launch = prepare_launch(hf_model.source.path, config, "smol", port=free_port(),
+                            extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32",
+                                        "--api-key", API_KEY], workdir=folder)
+    with RunningServer(launch) as running:
+        running.wait_ready(timeout=600)
+        running.log = folder / "ab.jsonl"
+        running.client = Client(running.base_url)
+        yield running
+
+
+@pytest.fixture(scope="module")
+def split(experiment) -> dict[str, str]:
+    """One request per user, 16 in flight: user -> the arm the server tagged."""
+    client = experiment.client
+
+    def one(user: str) -> str:
+        status, _, headers = client.complete(f"Hello {user}, how", user=user)
+        assert status == 200
+        return headers["x-sinkguard-arm"]
+
+    users = [f"user-{i}" for i in range(USERS)]
+    with ThreadPoolExecutor(16) as pool:
+        return dict(zip(users, pool.map(one, users)))
+
+
+def wait_for_log(experiment, count: int, timeout: float = 30.0) -> list[dict]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = read_log(experiment.log) if experiment.log.exists() else []
+        if len(rows) >= count or time.monotonic() > deadline:
+            return rows
+        time.sleep(0.1)
+
+
+def test_traffic_splits_by_weight_and_users_stay_on_their_arm(experiment, split):
+    assert split == {user: assign(AB, user)[0] for user in split}  # the documented hash, in the server
+    counts = [sum(arm == a for arm in split.values()) for a in AB.arms]
+    total = sum(AB.arms.values())
+    assert chisquare(counts, [USERS * w / total for w in AB.arms.values()]).pvalue > 0.001
+    for user in list(split)[:12]:  # again, later, with another prompt
+        assert experiment.client.complete("Another question", user=user)[2]["x-sinkguard-arm"] == split[user]
+
+
+def test_explicit_arms_win_and_bad_ones_are_refused(experiment, split):
+    client = experiment.client
+    user = next(u for u, arm in split.items() if arm == "none")
+    assert client.complete("Hi", {"x-sinkguard-arm": "remove"}, user=user)[2]["x-sinkguard-arm"] == "remove"
+    assert client.post("/v1/completions", {"model": "smol:act", "prompt": "Hi", "max_tokens": 2, "user": user}
+                       )[2]["x-sinkguard-arm"] == "act"
+    status, body, _ = client.complete("Hi", {"x-sinkguard-arm": "nope"})
+    assert status == 400 and "'nope' is not a configured policy" in body["error"]["message"]
+    status, body, _ = client.post("/v1/completions", {"model": "smol:act", "prompt": "Hi", "max_tokens": 2},
+                                  {"x-sinkguard-arm": "remove"})
+    assert status == 400 and "name one" in body["error"]["message"]
+    assert client.complete("Still serving", user=user)[0] == 200
+
+
+def test_the_assigned_arm_runs_its_policy(experiment, split, online_prompts):
+    client = experiment.client
+    user = next(u for u, arm in split.items() if arm == "act")
+    prompt = online_prompts[0]
+    _, assigned, headers = client.complete(prompt, user=user, logprobs=1, max_tokens=6)
+    _, named, _ = client.post("/v1/completions", {"model": "smol:act", "prompt": prompt, "max_tokens": 6,
+                                                  "temperature": 0.0, "logprobs": 1})
+    _, control, _ = client.post("/v1/completions", {"model": "smol:none", "prompt": prompt, "max_tokens": 6,
+                                                    "temperature": 0.0, "logprobs": 1})
+    logprobs = [r["choices"][0]["logprobs"]["token_logprobs"] for r in (assigned, named, control)]
+    assert headers["x-sinkguard-arm"] == "act"
+    assert logprobs[0] == pytest.approx(logprobs[1], abs=1e-5)
+    assert max(abs(a - b) for a, b in zip(logprobs[0], logprobs[2])) > 1e-3
+
+
+def test_streamed_chat_is_tagged_timed_and_stripped(experiment, split):
+    client = experiment.client
+    user = next(iter(split))
+    status, answer, headers = client.post("/v1/chat/completions", {
+        "model": "smol", "messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 5,
+        "temperature": 0.0, "stream": True, "user": user})
+    assert status == 200 and headers["x-sinkguard-arm"] == split[user]
+    assert not any(c.get("logprobs") for e in answer["events"] for c in e["choices"])  # the client asked for none
+    row = next(r for r in wait_for_log(experiment, len(client.reached)) if r["response_id"] == answer["id"])
+    assert row["stream"] and row["ttft_s"] is not None and 0 < row["ttft_s"] <= row["latency_s"]
+    assert row["mean_logprob"] is not None and row["mean_logprob"] <= 0 and row["completion_tokens"] >= 1
+    assert "prompt" not in row  # log_prompts is off
+
+
+def test_every_request_is_logged_once_with_its_counts(experiment, split):
+    client = experiment.client
+    _, answer, _ = client.complete("The capital of France is", user="logger", logprobs=1, max_tokens=6)
+    rows = wait_for_log(experiment, len(client.reached))
+    ids = [r["response_id"] for r in rows]
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(client.reached)  # refused requests never reached
+    by_id = {r["response_id"]: r for r in rows}
+    mine = by_id[answer["id"]]
+    asked = answer["choices"][0]["logprobs"]["token_logprobs"]
+    assert mine["mean_logprob"] == pytest.approx(sum(asked) / len(asked), abs=1e-6)
+    assert mine["completion_tokens"] == 6 and mine["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert {r["arm"] for r in rows} == {"none", "act", "remove"}
+    arms_of_user: dict[str, set[str]] = {}
+    for row in rows:
+        if row["assignment"] == "sticky":
+            arms_of_user.setdefault(row["user"], set()).add(row["arm"])
+    assert len(arms_of_user) == USERS + 1 and all(len(arms) == 1 for arms in arms_of_user.values())
+    for row in rows[:40]:  # the counts are the record's
+        status, record = http_json(f"{experiment.base_url}/sinkguard/requests/{row['response_id']}",
+                                   headers={"Authorization": f"Bearer {API_KEY}"})
+        assert status == 200
+        (only,) = record["requests"]
+        assert row["secondary_sinks"] == only["sink_counts"]["secondary"]
+        assert row["interventions"] == sum(only["interventions_applied"].values())
+        assert row["policy"] == only["policy"] == row["arm"]
+    assert any(r["interventions"] for r in rows if r["arm"] == "remove")
+
+
+def test_per_arm_metrics_and_the_report_agree_with_the_log(experiment, split, tmp_path):
+    from sinkguard.cli import main
+
+    rows = wait_for_log(experiment, len(experiment.client.reached))
+    with urllib.request.urlopen(experiment.base_url + "/metrics", timeout=30) as response:
+        text = response.read().decode()
+    for arm in AB.arms:
+        counted = sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                      if line.startswith("sinkguard:ab_requests_total{") and f'arm="{arm}"' in line)
+        assert counted == sum(r["arm"] == arm for r in rows)
+    assert main(["ab", "report", str(experiment.log), "--json", str(tmp_path / "report.json")]) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["requests"] == len(rows) and set(report["comparisons"]) == {"act", "remove"}
