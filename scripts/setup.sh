@@ -11,6 +11,18 @@ PY=${PYTHON:-python3}
 STAMP="$VENV/.sinkguard-setup"
 WANT="$EXTRA $(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 
+# System tools the tests use: Chromium (HTML reports opened headless) and Prometheus (metrics scraping).
+if ! command -v chromium >/dev/null || ! command -v prometheus >/dev/null; then
+    if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"
+    else SUDO=none; fi
+    if [ "$SUDO" = none ]; then
+        echo "sinkguard setup: chromium/prometheus missing and no root or sudo: skipping them" \
+             "(their tests will skip); install them with: apt-get install -y chromium prometheus" >&2
+    else
+        $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus
+    fi
+fi
+
 if [ ! -f "$STAMP" ] || [ "$(cat "$STAMP")" != "$WANT" ]; then
     [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
     echo "sinkguard setup: installing into $VENV (vLLM extra: $EXTRA); the first time takes ~4 minutes" >&2

@@ -307,6 +307,7 @@ def eval_command(
     concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight per arm.")] = 8,
     seed: Annotated[int, typer.Option("--seed", help="Seed for item sampling and statistics.")] = 0,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for run.json and comparison.json.")] = Path("runs/eval"),
+    sink_stats: Annotated[bool, typer.Option("--sink-stats/--no-sink-stats", help="Read every request's sink record back from the server (one GET per request) for sink statistics per arm.")] = True,
 ) -> None:
     """The same items through several arms of one server, compared paired with the first arm."""
     import json
@@ -335,13 +336,17 @@ def eval_command(
     config = {"server": server, "served_model": served_model, "arms": arm_list, "tasks": [t.name for t in chosen],
               "seed": seed, "concurrency": concurrency, "mmlu_items": mmlu_items, "retrieval_lengths": lengths}
     encode = lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
-    run = evaluate(clients, chosen, encode, arm_list[0], concurrency, config)
+    run = evaluate(clients, chosen, encode, arm_list[0], concurrency, config, sink_stats=sink_stats)
     run.save(out / "run.json")
     comparison = compare(run, seed=seed)
     (out / "comparison.json").write_text(json.dumps(comparison, indent=1))
     (out / "comparison.md").write_text(comparison_markdown(comparison))
+    from sinkguard.evaluation.html_report import eval_report_html, write_html
+
+    report = write_html(out / "report.html", eval_report_html(run, comparison))
     print_comparison(comparison, console)
     console.print(f"wrote {out / 'run.json'}, {out / 'comparison.json'} and {out / 'comparison.md'}")
+    console.print(f"report: {report}")
 
 
 ab_app = typer.Typer(help="Live A/B experiments of policies inside one server.", no_args_is_help=True)
@@ -353,6 +358,7 @@ def ab_report_command(
     log: Annotated[Path, typer.Argument(help="The server's A/B log (JSON lines, one record per request).")],
     control: Annotated[Optional[str], typer.Option("--control", help="Control arm (default: none, if present).")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the report as JSON here.")] = None,
+    html_out: Annotated[Optional[Path], typer.Option("--html", help="Also write a self-contained HTML report (plots) here.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the resampling tests.")] = 0,
 ) -> None:
     """Per-arm metrics of a running or finished experiment, with significance that stays valid
@@ -374,6 +380,68 @@ def ab_report_command(
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=1))
         console.print(f"wrote {json_out}")
+    if html_out is not None:
+        from sinkguard.evaluation.html_report import ab_report_html, write_html
+
+        console.print(f"wrote {write_html(html_out, ab_report_html(report, rows, source=str(log)))}")
+
+
+@app.command("lm-eval")
+def lm_eval_command(
+    served_model: Annotated[str, typer.Option("--served-model", help="The server's model name (arms are <name>:<arm>).")],
+    server: Annotated[Optional[str], typer.Option("--server", help="Base URL of a sinkguard server (vLLM OpenAI API).")] = None,
+    arms: Annotated[str, typer.Option("--arms", help="Comma-separated arms (policies); the first is the control.")] = "none",
+    tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated lm-eval task names (built-in or under --include-path).")] = "sinkguard_mc,sinkguard_ppl",
+    include_path: Annotated[Optional[Path], typer.Option("--include-path", help="Folder of extra lm-eval task YAMLs (default: sinkguard's local tasks).")] = None,
+    model: ModelOption = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar=["VLLM_API_KEY", "OPENAI_API_KEY"], help="The server's API key.")] = None,
+    concurrency: Annotated[int, typer.Option("--concurrency", min=1, help="Requests in flight per arm (lm-eval's num_concurrent).")] = 4,
+    limit: Annotated[Optional[int], typer.Option("--limit", min=1, help="First N documents of each task.")] = None,
+    from_output: Annotated[Optional[Path], typer.Option("--from-output", help="Read an `lm_eval --output_path DIR --log_samples` folder (one run per arm) instead of running lm-eval.")] = None,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the statistics.")] = 0,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for run.json and comparison.json.")] = Path("runs/lm-eval"),
+) -> None:
+    """lm-eval tasks once per arm (arms as model names), compared paired with the first arm."""
+    import json
+
+    from sinkguard.evaluation.compare import compare
+    from sinkguard.evaluation.lm_eval_interop import (
+        LOCAL_TASKS,
+        arm_model_name,
+        evaluate_with_lm_eval,
+        read_output_folder,
+        to_eval_run,
+    )
+    from sinkguard.evaluation.summary import comparison_markdown, print_comparison
+    from sinkguard.models import resolve_model
+
+    arm_list = [a.strip() for a in arms.split(",") if a.strip()]
+    task_list = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not arm_list or len(set(arm_list)) != len(arm_list):
+        raise SinkguardError(f"--arms: give distinct arm names, the control first (got {arms!r})")
+    if (server is None) == (from_output is None):
+        raise SinkguardError("give exactly one of --server (run lm-eval) and --from-output (read its saved samples)")
+    if include_path is not None and not include_path.is_dir():
+        raise SinkguardError(f"--include-path: not a folder: {include_path}")
+    from transformers import AutoTokenizer
+
+    model_path = resolve_model(model).path
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    config = {"server": server, "served_model": served_model, "arms": arm_list, "tasks": task_list, "seed": seed,
+              "concurrency": concurrency, "limit": limit, "source": "lm-eval"}
+    if from_output is not None:
+        outputs = {arm: read_output_folder(from_output, arm_model_name(served_model, arm)) for arm in arm_list}
+        run = to_eval_run(outputs, arm_list[0], encode, config)
+    else:
+        run = evaluate_with_lm_eval(server, served_model, arm_list, task_list, model_path, encode,
+                                    include_path or LOCAL_TASKS, api_key, concurrency, limit, config)
+    run.save(out / "run.json")
+    comparison = compare(run, seed=seed)
+    (out / "comparison.json").write_text(json.dumps(comparison, indent=1))
+    (out / "comparison.md").write_text(comparison_markdown(comparison))
+    print_comparison(comparison, console)
+    console.print(f"wrote {out / 'run.json'}, {out / 'comparison.json'} and {out / 'comparison.md'}")
 
 
 @app.command()
