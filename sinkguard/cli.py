@@ -293,8 +293,11 @@ def serve(
 
 @app.command("eval")
 def eval_command(
-    server: Annotated[str, typer.Option("--server", help="Base URL of a sinkguard server (vLLM OpenAI API).")],
-    served_model: Annotated[str, typer.Option("--served-model", help="The server's model name (arms are <name>:<arm>).")],
+    server: Annotated[Optional[str], typer.Option("--server", help="Base URL of a sinkguard server (vLLM OpenAI API).")] = None,
+    served_model: Annotated[Optional[str], typer.Option("--served-model", help="The server's model name (arms are <name>:<arm>).")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="server (a sinkguard vLLM server) or transformers (in-process, no server; needs --profile and --policies).")] = "server",
+    profile: Annotated[Optional[Path], typer.Option("--profile", help="transformers engine: the model's sink profile.")] = None,
+    policies: Annotated[Optional[Path], typer.Option("--policies", help="transformers engine: the policy file the arms come from.")] = None,
     arms: Annotated[str, typer.Option("--arms", help="Comma-separated arms (policies); the first is the control.")] = "none",
     tasks: Annotated[str, typer.Option("--tasks", help="Comma-separated: perplexity, mmlu, retrieval, generation.")] = "perplexity,mmlu,retrieval",
     model: ModelOption = None,
@@ -309,7 +312,8 @@ def eval_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for run.json and comparison.json.")] = Path("runs/eval"),
     sink_stats: Annotated[bool, typer.Option("--sink-stats/--no-sink-stats", help="Read every request's sink record back from the server (one GET per request) for sink statistics per arm.")] = True,
 ) -> None:
-    """The same items through several arms of one server, compared paired with the first arm."""
+    """The same items through several arms of one server (or of an in-process transformers model),
+    compared paired with the first arm."""
     import json
 
     from sinkguard.evaluation import build_tasks
@@ -332,8 +336,16 @@ def eval_command(
     chosen = build_tasks([t.strip() for t in tasks.split(",") if t.strip()], tokenizer, seed=seed,
                          mmlu_items=mmlu_items, retrieval_lengths=lengths, retrieval_per_length=retrieval_items,
                          generation_file=generation, multiple_choice_file=mmlu_file)
-    clients = {arm: ArmClient(server, served_model, arm, api_key) for arm in arm_list}
-    config = {"server": server, "served_model": served_model, "arms": arm_list, "tasks": [t.name for t in chosen],
+    if engine == "server":
+        if not server or not served_model:
+            raise SinkguardError("--engine server needs --server URL and --served-model NAME")
+        clients = {arm: ArmClient(server, served_model, arm, api_key) for arm in arm_list}
+    elif engine == "transformers":
+        clients = _local_clients(model, arm_list, profile, policies)
+    else:
+        raise SinkguardError(f"--engine: 'server' or 'transformers', not {engine!r}")
+    config = {"engine": engine, "server": server, "served_model": served_model, "model": model,
+              "arms": arm_list, "tasks": [t.name for t in chosen],
               "seed": seed, "concurrency": concurrency, "mmlu_items": mmlu_items, "retrieval_lengths": lengths}
     encode = lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     run = evaluate(clients, chosen, encode, arm_list[0], concurrency, config, sink_stats=sink_stats)
@@ -347,6 +359,20 @@ def eval_command(
     print_comparison(comparison, console)
     console.print(f"wrote {out / 'run.json'}, {out / 'comparison.json'} and {out / 'comparison.md'}")
     console.print(f"report: {report}")
+
+
+def _local_clients(model: str | None, arms: list[str], profile: Path | None, policies: Path | None) -> dict:
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.evaluation.local import local_clients
+    from sinkguard.policy import PolicySet, load_policies
+    from sinkguard.profile import SinkProfile
+
+    if profile is None:
+        raise SinkguardError("--engine transformers needs --profile (the model's sink profile)")
+    if policies is None and arms != ["none"]:
+        raise SinkguardError("--engine transformers needs --policies (the policy file the arms come from)")
+    policy_set = load_policies(policies) if policies is not None else PolicySet()
+    return local_clients(HFSinkModel.load(model), arms, policy_set, SinkProfile.load(profile))
 
 
 ab_app = typer.Typer(help="Live A/B experiments of policies inside one server.", no_args_is_help=True)

@@ -58,3 +58,17 @@ def test_a_local_paired_run_and_unknown_arms(clients, hf_model, profile):
     assert set(result["tasks"]["mmlu"]["arms"]) == {"none", "act"}
     with pytest.raises(ConfigError, match="nope"):
         local_clients(hf_model, ["none", "nope"], POLICIES, profile)
+
+
+def test_sinkguard_eval_runs_in_process_without_a_server(hf_model, profile, tmp_path):
+    from sinkguard.cli import main
+
+    profile_dir = profile.save(tmp_path / "profile")
+    (tmp_path / "policies.json").write_text(POLICIES.model_dump_json())
+    out = tmp_path / "eval"
+    assert main(["eval", "--engine", "transformers", "--profile", str(profile_dir), "--policies",
+                 str(tmp_path / "policies.json"), "--arms", "none,remove", "--tasks", "perplexity",
+                 "--out", str(out)]) == 0
+    assert {"run.json", "comparison.json", "comparison.md", "report.html"} <= {p.name for p in out.iterdir()}
+    assert main(["eval", "--engine", "transformers", "--profile", str(profile_dir), "--arms", "none,act",
+                 "--tasks", "perplexity", "--out", str(out)]) != 0  # no policy file to take 'act' from
