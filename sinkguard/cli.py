@@ -314,13 +314,10 @@ def eval_command(
 ) -> None:
     """The same items through several arms of one server (or of an in-process transformers model),
     compared paired with the first arm."""
-    import json
 
     from sinkguard.evaluation import build_tasks
     from sinkguard.evaluation.client import ArmClient
-    from sinkguard.evaluation.compare import compare
     from sinkguard.evaluation.runner import evaluate
-    from sinkguard.evaluation.summary import comparison_markdown, print_comparison
     from sinkguard.models import resolve_model
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -349,16 +346,17 @@ def eval_command(
               "seed": seed, "concurrency": concurrency, "mmlu_items": mmlu_items, "retrieval_lengths": lengths}
     encode = lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
     run = evaluate(clients, chosen, encode, arm_list[0], concurrency, config, sink_stats=sink_stats)
-    run.save(out / "run.json")
-    comparison = compare(run, seed=seed)
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=1))
-    (out / "comparison.md").write_text(comparison_markdown(comparison))
-    from sinkguard.evaluation.html_report import eval_report_html, write_html
+    _save_and_print(run, out, seed)
 
-    report = write_html(out / "report.html", eval_report_html(run, comparison))
+
+def _save_and_print(run, out: Path, seed: int) -> None:
+    from sinkguard.evaluation.outputs import save_evaluation
+    from sinkguard.evaluation.summary import print_comparison
+
+    comparison, paths = save_evaluation(run, out, seed)
     print_comparison(comparison, console)
-    console.print(f"wrote {out / 'run.json'}, {out / 'comparison.json'} and {out / 'comparison.md'}")
-    console.print(f"report: {report}")
+    console.print(f"wrote {paths['run']}, {paths['comparison']} and {paths['markdown']}")
+    console.print(f"report: {paths['report']}")
 
 
 def _local_clients(model: str | None, arms: list[str], profile: Path | None, policies: Path | None) -> dict:
@@ -428,9 +426,7 @@ def lm_eval_command(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for run.json and comparison.json.")] = Path("runs/lm-eval"),
 ) -> None:
     """lm-eval tasks once per arm (arms as model names), compared paired with the first arm."""
-    import json
 
-    from sinkguard.evaluation.compare import compare
     from sinkguard.evaluation.lm_eval_interop import (
         LOCAL_TASKS,
         arm_model_name,
@@ -438,7 +434,6 @@ def lm_eval_command(
         read_output_folder,
         to_eval_run,
     )
-    from sinkguard.evaluation.summary import comparison_markdown, print_comparison
     from sinkguard.models import resolve_model
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
@@ -462,12 +457,7 @@ def lm_eval_command(
     else:
         run = evaluate_with_lm_eval(server, served_model, arm_list, task_list, model_path, encode,
                                     include_path or LOCAL_TASKS, api_key, concurrency, limit, config)
-    run.save(out / "run.json")
-    comparison = compare(run, seed=seed)
-    (out / "comparison.json").write_text(json.dumps(comparison, indent=1))
-    (out / "comparison.md").write_text(comparison_markdown(comparison))
-    print_comparison(comparison, console)
-    console.print(f"wrote {out / 'run.json'}, {out / 'comparison.json'} and {out / 'comparison.md'}")
+    _save_and_print(run, out, seed)
 
 
 @app.command()
