@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from sinkguard.evaluation.live import METRICS
+from sinkguard.evaluation.runner import EvalRun
 from sinkguard.evaluation.summary import HEADER, _fmt, comparison_rows
 
 _ERROR_TRAP = """<script>
@@ -104,8 +105,8 @@ def _finite(value: Any) -> bool:
 
 
 # -- evaluation report --------------------------------------------------------------------------
-def eval_report_html(run: Any, comparison: dict[str, Any]) -> str:
-    """The report of an evaluation run (:class:`~sinkguard.evaluation.runner.EvalRun`) and its comparison."""
+def eval_report_html(run: EvalRun, comparison: dict[str, Any]) -> str:
+    """The report of an evaluation run and its comparison (:func:`sinkguard.evaluation.compare.compare`)."""
     page = _Page("sinkguard evaluation")
     colors = _colors(run.arms)
     config = dict(run.config)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import math
+import urllib.request
 
 import pytest
 
 from sinkguard.evaluation import build_tasks
 from sinkguard.evaluation.client import ArmClient
 from sinkguard.evaluation.compare import compare
+from sinkguard.evaluation.html_report import eval_report_html
 from sinkguard.evaluation.runner import EvalRun, evaluate
 from sinkguard.evaluation.tasks import multiple_choice_prompt
 from sinkguard.policy import load_policies
@@ -57,3 +60,45 @@ def test_comparison_is_reproducible_from_the_saved_run(two_arms):
     assert interval["low"] <= interval["estimate"] <= interval["high"]
     assert math.isfinite(first["latency"]["act"]["ttft_ms"]["mean"])
     assert set(first["tasks"]["retrieval"]["arms"]["act"]["accuracy_by_length"]) == {"256"}
+
+
+def _records(server, response_id: str) -> list[dict]:
+    request = urllib.request.Request(f"{server.base_url}/sinkguard/requests/{response_id}?limit=1024",
+                                     headers=server.user_headers)
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["requests"]
+
+
+def test_sink_statistics_per_arm_come_from_the_server_records(two_arms, server):
+    tasks, run, path, _ = two_arms
+    stats = run.sink_stats
+    assert stats["available"] and EvalRun.load(path).sink_stats == stats
+    requests = {"perplexity": 2, "mmlu": 4 * 4, "retrieval": 2}  # one per letter of each MMLU item
+    for arm in ("none", "act"):
+        per_task, overall = stats["arms"][arm]["tasks"], stats["arms"][arm]["all"]
+        for name, count in requests.items():
+            assert per_task[name]["requests"] == per_task[name]["records"] == count and per_task[name]["missing"] == 0
+        # teacher forcing scans exactly the prompt (no prefix caching, no decode step for max_tokens=1)
+        ppl_tokens = sum(len(item["token_ids"]) for item in tasks[0].items)
+        assert per_task["perplexity"]["tokens_scanned"] == ppl_tokens
+        assert overall["tokens_scanned"] == sum(s["tokens_scanned"] for s in per_task.values())
+        secondary = overall["sink_counts"]["secondary"]
+        assert overall["secondary_per_1k_tokens"] == pytest.approx(1000 * secondary / overall["tokens_scanned"])
+        # the listed events agree with the server's own counter; each is active for its lifetime (>= 1 layer)
+        if overall["events_dropped"] == 0:
+            assert overall["secondary_events_listed"] == secondary
+        assert sum(overall["secondary_active_by_layer"]) >= overall["secondary_events_listed"]
+        per_1k = overall["secondary_active_per_1k_tokens_by_layer"]
+        active = sum(overall["secondary_active_by_layer"])
+        assert sum(per_1k) == pytest.approx(1000 * active / overall["tokens_scanned"])
+        # the perplexity requests' records read directly: active layers = last - birth + 1 per secondary sink
+        records = [r for row in run.tasks["perplexity"]["results"][arm] for r in _records(server, row["response_id"])]
+        events = [e for r in records for e in r["events"] if e["kind"] == "secondary" and not e["is_reference"]]
+        assert sum(per_task["perplexity"]["secondary_active_by_layer"]) == \
+            sum(e["last_layer"] - e["birth_layer"] + 1 for e in events)
+    assert stats["arms"]["none"]["all"]["interventions_applied"] == {}
+    assert stats["arms"]["act"]["all"]["interventions_applied"].get("attention_redistribution", 0) > 0
+    comparison = compare(run)
+    layers = comparison["sink_stats"]["arms"]
+    assert len(layers["none"]["secondary_active_by_layer"]) == len(layers["act"]["secondary_active_by_layer"])
+    assert "Secondary sinks active per layer" in eval_report_html(run, comparison)  # the report takes real output
