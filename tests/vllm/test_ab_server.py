@@ -4,6 +4,7 @@ counts and mean log-probability, per-arm metrics reach /metrics, and bad input i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -190,3 +191,23 @@ def test_per_arm_metrics_and_the_report_agree_with_the_log(experiment, split, tm
     assert main(["ab", "report", str(experiment.log), "--json", str(tmp_path / "report.json")]) == 0
     report = json.loads((tmp_path / "report.json").read_text())
     assert report["requests"] == len(rows) and set(report["comparisons"]) == {"act", "remove"}
+
+
+def test_the_examples_traffic_script_drives_the_experiment(experiment):
+    """examples/ab_test/traffic.py, as a user runs it, against this server (runs last: it adds requests)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    before = len(wait_for_log(experiment, len(experiment.client.reached)))
+    script = Path(__file__).resolve().parents[2] / "examples" / "ab_test" / "traffic.py"
+    done = subprocess.run([sys.executable, str(script), "--server", experiment.base_url, "--model", "smol",
+                           "--users", "6", "--turns", "2"], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_API_KEY": API_KEY})
+    assert done.returncode == 0, done.stderr
+    assert "12 requests from 6 users" in done.stdout
+    rows = wait_for_log(experiment, before + 12)[before:]
+    hashed = {hashlib.sha256(f"{AB.seed}\0user-{u}".encode()).hexdigest()[:16]: f"user-{u}" for u in range(6)}
+    assert len(rows) == 12 and {r["user"] for r in rows} == set(hashed)
+    assert all(r["arm"] == assign(AB, hashed[r["user"]])[0] and r["assignment"] == "sticky" for r in rows)
