@@ -102,3 +102,29 @@ def test_sink_statistics_per_arm_come_from_the_server_records(two_arms, server):
     layers = comparison["sink_stats"]["arms"]
     assert len(layers["none"]["secondary_active_by_layer"]) == len(layers["act"]["secondary_active_by_layer"])
     assert "Secondary sinks active per layer" in eval_report_html(run, comparison)  # the report takes real output
+
+
+def test_generation_agreement_equals_the_in_process_engine(two_arms, hf_model, served_profile, policy_file):
+    """KL and top-1 agreement of act vs none on the retrieval generations: the server's numbers equal
+    the same quantities computed from an in-process transformers run of both arms."""
+    from sinkguard.evaluation.compare import agreement
+    from sinkguard.evaluation.local import local_clients
+
+    tasks, run, _, _ = two_arms
+    local = local_clients(hf_model, ["none", "act"], load_policies(policy_file), served_profile[1])
+    retrieval = next(t for t in tasks if t.name == "retrieval")
+    served = run.tasks["retrieval"]["results"]
+    compared = 0
+    for index, item in enumerate(retrieval.items):
+        generated = {arm: local[arm].generate(item["prompt"], retrieval.max_tokens, top_logprobs=5)
+                     for arm in ("none", "act")}
+        for arm in ("none", "act"):  # same greedy text and per-token log-probabilities
+            assert generated[arm].text == served[arm][index]["text"]
+            assert generated[arm].token_logprobs == pytest.approx(served[arm][index]["token_logprobs"], abs=2e-3)
+        mine = agreement({"top_logprobs": generated["none"].top_logprobs},
+                         {"top_logprobs": generated["act"].top_logprobs})
+        theirs = agreement(served["none"][index], served["act"][index])
+        assert mine["first_divergence"] == theirs["first_divergence"] and mine["top1"] == theirs["top1"]
+        assert mine["kl"] == pytest.approx(theirs["kl"], abs=2e-3)
+        compared += len(mine["kl"])
+    assert compared >= 4
