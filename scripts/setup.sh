@@ -16,8 +16,8 @@ if ! command -v chromium >/dev/null || ! command -v prometheus >/dev/null; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO="sudo -n"
     else SUDO=none; fi
     if [ "$SUDO" = none ]; then
-        echo "sinkguard setup: chromium/prometheus missing and no root or sudo: skipping them" \
-             "(their tests will skip); install them with: apt-get install -y chromium prometheus" >&2
+        echo "sinkguard setup: chromium/prometheus missing and no root or sudo: install them with" \
+             "apt-get install -y chromium prometheus (the tests of the HTML report and the metrics need them)" >&2
     else
         $SUDO apt-get update -qq && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium prometheus
     fi

@@ -193,6 +193,47 @@ def test_per_arm_metrics_and_the_report_agree_with_the_log(experiment, split, tm
     assert report["requests"] == len(rows) and set(report["comparisons"]) == {"act", "remove"}
 
 
+def test_a_real_prometheus_scrapes_the_per_arm_metrics(experiment, tmp_path):
+    """Debian's Prometheus scrapes /metrics; its per-arm request counts equal the log's."""
+    import shutil
+    import subprocess
+    import urllib.parse
+
+    from sinkguard.engines.vllm.server import free_port
+
+    binary = shutil.which("prometheus")
+    if binary is None:  # a missing Prometheus is a set-up failure, not a reason to pass
+        pytest.fail("prometheus is not installed: run scripts/setup.sh (apt-get install -y prometheus)")
+    rows = wait_for_log(experiment, len(experiment.client.reached))
+    expected = {arm: sum(r["arm"] == arm for r in rows) for arm in AB.arms}
+    target = experiment.base_url.split("//", 1)[1]
+    (tmp_path / "prometheus.yml").write_text(
+        "global: {scrape_interval: 1s}\n"
+        f"scrape_configs: [{{job_name: sinkguard, static_configs: [{{targets: ['{target}']}}]}}]\n")
+    port = free_port()
+    query = urllib.parse.quote("sum by (arm) (sinkguard:ab_requests_total)")
+    seen: dict[str, float] = {}
+    with open(tmp_path / "prometheus.log", "wb") as log:
+        process = subprocess.Popen([binary, f"--config.file={tmp_path / 'prometheus.yml'}",
+                                    f"--storage.tsdb.path={tmp_path / 'data'}",
+                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+        try:
+            deadline = time.monotonic() + 90
+            while seen != expected and time.monotonic() < deadline:
+                time.sleep(1)
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/v1/query?query={query}",
+                                                timeout=5) as response:
+                        result = json.loads(response.read())["data"]["result"]
+                except OSError:
+                    continue  # not up yet
+                seen = {item["metric"]["arm"]: int(float(item["value"][1])) for item in result}
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+    assert seen == expected, (tmp_path / "prometheus.log").read_text()[-2000:]
+
+
 def test_the_examples_traffic_script_drives_the_experiment(experiment):
     """examples/ab_test/traffic.py, as a user runs it, against this server (runs last: it adds requests)."""
     import os
