@@ -22,7 +22,7 @@ from typing import Any
 
 from sinkguard.evaluation.live import METRICS
 from sinkguard.evaluation.runner import EvalRun
-from sinkguard.evaluation.summary import HEADER, _fmt, comparison_rows
+from sinkguard.evaluation.summary import HEADER, comparison_rows, format_value
 
 _ERROR_TRAP = """<script>
 window.sinkguardErrors = [];
@@ -145,8 +145,8 @@ def _metric_figures(page: _Page, comparison: dict[str, Any], colors: dict[str, s
                     x=[arm], y=[e["estimate"]], mode="markers", name=arm, marker={"color": colors[arm], "size": 10},
                     error_y={"type": "data", "symmetric": False, "array": [e["high"] - e["estimate"]],
                              "arrayminus": [e["estimate"] - e["low"]]},
-                    hovertext=[f"perplexity {_fmt(s.get('perplexity'))}; p {_fmt(s.get('pvalue'))}; "
-                               f"Holm p {_fmt(s.get('pvalue_holm'))}"]))
+                    hovertext=[f"perplexity {format_value(s.get('perplexity'))}; p {format_value(s.get('pvalue'))}; "
+                               f"Holm p {format_value(s.get('pvalue_holm'))}"]))
             figure.add_hline(y=0, line_dash="dash", line_color="#888")
             figure.update_layout(title=f"{name}: NLL per token, arm - control '{control}' (95% paired bootstrap CI)",
                                  yaxis_title="nats / token (lower is better)", showlegend=False)
@@ -160,7 +160,7 @@ def _metric_figures(page: _Page, comparison: dict[str, Any], colors: dict[str, s
                     error_y={"type": "data", "symmetric": False, "array": [interval["high"] - s["accuracy"]],
                              "arrayminus": [s["accuracy"] - interval["low"]]},
                     hovertext=[f"{interval['successes']}/{interval['trials']}{_diff_text(s.get('accuracy_diff_interval'))}"
-                               f"; p {_fmt(s.get('pvalue'))}; Holm p {_fmt(s.get('pvalue_holm'))}"]))
+                               f"; p {format_value(s.get('pvalue'))}; Holm p {format_value(s.get('pvalue_holm'))}"]))
             if not figure.data:
                 continue
             figure.update_layout(title=f"{name}: accuracy per arm (95% Wilson CI)", yaxis_title="accuracy",
@@ -190,8 +190,9 @@ def _sink_section(page: _Page, found: dict[str, Any] | None, colors: dict[str, s
     kinds = sorted({k for s in arms.values() for k in s["interventions_per_1k_tokens"]})
     page.table(["arm", "records / requests", "tokens scanned", "secondary sinks per 1k tokens",
                 *[f"{k} per 1k tokens" for k in kinds], "events not listed"],
-               [[arm, f"{s['records']} / {s['requests']}", s["tokens_scanned"], _fmt(s["secondary_per_1k_tokens"]),
-                 *[_fmt(s["interventions_per_1k_tokens"].get(k)) for k in kinds], s["events_dropped"]]
+               [[arm, f"{s['records']} / {s['requests']}", s["tokens_scanned"],
+                 format_value(s["secondary_per_1k_tokens"]),
+                 *[format_value(s["interventions_per_1k_tokens"].get(k)) for k in kinds], s["events_dropped"]]
                 for arm, s in arms.items()])
     figure = go.Figure()
     for arm, s in arms.items():
@@ -287,9 +288,9 @@ def ab_report_html(report: dict[str, Any], rows: Sequence[dict[str, Any]] | None
             result = report["comparisons"].get(arm, {}).get(metric, {})
             diff = "-" if result.get("difference") is None else \
                 f"{result['difference']:+.4g} [{result['low']:+.4g}, {result['high']:+.4g}]"
-            table.append([arm, metric, _fmt(summary.get(metric)), _fmt(arms[control].get(metric)), diff,
-                          _fmt(result.get("pvalue")), _fmt(result.get("pvalue_holm")),
-                          _fmt(result.get("always_valid_pvalue")), _fmt(result.get("significant"))])
+            table.append([arm, metric, format_value(summary.get(metric)), format_value(arms[control].get(metric)), diff,
+                          format_value(result.get("pvalue")), format_value(result.get("pvalue_holm")),
+                          format_value(result.get("always_valid_pvalue")), format_value(result.get("significant"))])
     page.table(["arm", "metric", "arm mean", "control mean", "difference [95% CI]", "p", "p (Holm)",
                 "always-valid p", "significant"], table)
     treated = order[1:]
@@ -305,8 +306,8 @@ def ab_report_html(report: dict[str, Any], rows: Sequence[dict[str, Any]] | None
                     showlegend=col == 1,
                     error_y={"type": "data", "symmetric": False, "array": [r["high"] - r["difference"]],
                              "arrayminus": [r["difference"] - r["low"]]},
-                    hovertext=[f"p {_fmt(r.get('pvalue'))}; Holm p {_fmt(r.get('pvalue_holm'))}; "
-                               f"always-valid p {_fmt(r.get('always_valid_pvalue'))}"]), row=1, col=col)
+                    hovertext=[f"p {format_value(r.get('pvalue'))}; Holm p {format_value(r.get('pvalue_holm'))}; "
+                               f"always-valid p {format_value(r.get('always_valid_pvalue'))}"]), row=1, col=col)
             figure.add_hline(y=0, line_dash="dash", line_color="#888", row=1, col=col)
         figure.update_layout(title=f"Difference vs control '{control}' (95% bootstrap CI)")
         figure.update_annotations(font_size=11)

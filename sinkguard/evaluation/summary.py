@@ -8,7 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-def _fmt(value: Any, digits: int = 4) -> str:
+def format_value(value: Any, digits: int = 4) -> str:
     if value is None:
         return "-"
     if isinstance(value, bool):
@@ -33,8 +33,8 @@ def comparison_rows(comparison: dict[str, Any]) -> list[list[str]]:
                 effect_text = "-" if "accuracy_diff" not in s else \
                     f"{s['accuracy_diff']:+.3f} ({s['discordant']['only_arm']} vs {s['discordant']['only_control']} " \
                     "discordant)"
-            rows.append([name, arm, metric, _fmt(value), effect_text, _fmt(s.get("pvalue")),
-                         _fmt(s.get("pvalue_holm")), _fmt(s.get("significant"))])
+            rows.append([name, arm, metric, format_value(value), effect_text, format_value(s.get("pvalue")),
+                         format_value(s.get("pvalue_holm")), format_value(s.get("significant"))])
     return rows
 
 
@@ -77,6 +77,6 @@ def print_ab_report(report: dict[str, Any], console: Console | None = None) -> N
         for metric, result in report["comparisons"].get(arm, {}).items():
             diff = "-" if result["difference"] is None else \
                 f"{result['difference']:+.4g} [{result['low']:+.4g}, {result['high']:+.4g}]"
-            table.add_row("", metric, _fmt(summary.get(metric)), diff, _fmt(result.get("pvalue_holm")),
-                          _fmt(result.get("always_valid_pvalue")), _fmt(result.get("significant")))
+            table.add_row("", metric, format_value(summary.get(metric)), diff, format_value(result.get("pvalue_holm")),
+                          format_value(result.get("always_valid_pvalue")), format_value(result.get("significant")))
     console.print(table)
