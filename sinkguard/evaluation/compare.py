@@ -135,10 +135,7 @@ def wilson(successes: int, trials: int, confidence: float = 0.95) -> dict[str, f
 
 
 def _by_length_interval(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
-    groups: dict[int, list[bool]] = {}
-    for item, row in zip(items, rows):
-        groups.setdefault(int(item["length"]), []).append(bool(row["correct"]))
-    return {str(length): wilson(sum(v), len(v)) for length, v in sorted(groups.items())}
+    return {length: wilson(sum(v), len(v)) for length, v in _correct_by_length(items, rows).items()}
 
 
 def _sink_stats(run: EvalRun) -> dict[str, Any] | None:
@@ -155,10 +152,15 @@ def _sink_stats(run: EvalRun) -> dict[str, Any] | None:
 
 
 def _by_length(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, float]:
+    return {length: sum(v) / len(v) for length, v in _correct_by_length(items, rows).items()}
+
+
+def _correct_by_length(items: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, list[bool]]:
+    """Per context length (ascending, as a JSON key): whether each item was answered correctly."""
     groups: dict[int, list[bool]] = {}
     for item, row in zip(items, rows):
         groups.setdefault(int(item["length"]), []).append(bool(row["correct"]))
-    return {str(length): sum(v) / len(v) for length, v in sorted(groups.items())}
+    return {str(length): found for length, found in sorted(groups.items())}
 
 
 def _agreement_summary(control: list[dict[str, Any]], rows: list[dict[str, Any]]) -> dict[str, Any]:
