@@ -60,9 +60,11 @@ def ab_report(rows: Sequence[dict[str, Any]], control: str | None = None, alpha:
     if not arms:
         return {"arms": {}, "comparisons": {}, "requests": 0}
     control = control if control in arms else ("none" if "none" in arms else arms[0])
-    by_arm = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
-    summary = {arm: {"requests": len(found),
-                     "assignment": {how: sum(r.get("assignment") == how for r in found)
+    every = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
+    # metrics compare answered requests; failed ones (an HTTP error) are counted per arm instead
+    by_arm = {arm: [r for r in found if r.get("status", 200) == 200] for arm, found in every.items()}
+    summary = {arm: {"requests": len(every[arm]), "errors": len(every[arm]) - len(found),
+                     "assignment": {how: sum(r.get("assignment") == how for r in every[arm])
                                     for how in ("sticky", "random", "explicit")},
                      **{metric: (float(_values(found, metric).mean()) if _values(found, metric).size else None)
                         for metric in METRICS}}

@@ -73,7 +73,8 @@ def print_ab_report(report: dict[str, Any], console: Console | None = None) -> N
     for column in ("arm", "metric", "arm mean", "difference [95% CI]", "p (Holm)", "always-valid p", "significant"):
         table.add_column(column)
     for arm, summary in report["arms"].items():
-        table.add_row(arm, "requests", str(summary["requests"]), "", "", "", "")
+        errors = f" ({summary['errors']} failed)" if summary.get("errors") else ""
+        table.add_row(arm, "requests", f"{summary['requests']}{errors}", "", "", "", "")
         for metric, result in report["comparisons"].get(arm, {}).items():
             diff = "-" if result["difference"] is None else \
                 f"{result['difference']:+.4g} [{result['low']:+.4g}, {result['high']:+.4g}]"

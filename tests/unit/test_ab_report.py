@@ -30,3 +30,13 @@ def test_a_real_latency_effect_is_found_and_a_null_one_is_not():
     null = ab_report(log(1, effect=0.0), control="none")["comparisons"]["act"]["latency_s"]
     assert not null["significant"] and null["always_valid_pvalue"] > 0.05
     assert ab_report([])["requests"] == 0
+
+
+def test_failed_requests_are_counted_not_averaged():
+    rows = log(3, 0.0, n=40)
+    rows += [{"request_id": f"e{i}", "arm": "act", "assignment": "sticky", "status": 400, "latency_s": 100.0,
+              "mean_logprob": None} for i in range(5)]
+    report = ab_report(rows)
+    assert report["arms"]["act"]["requests"] == 25 and report["arms"]["act"]["errors"] == 5
+    assert report["arms"]["act"]["latency_s"] < 2.0  # the failures' latency is not in the mean
+    assert report["arms"]["none"]["errors"] == 0
