@@ -20,6 +20,7 @@ from sinkguard.stats import holm, msprt
 
 METRICS = {
     "latency_s": "end-to-end latency (s)",
+    "ttft_s": "time to first token (s, streamed requests)",
     "mean_logprob": "mean log-probability of generated tokens",
     "secondary_sinks": "secondary sinks per request",
     "interventions": "intervention edits per request",
