@@ -136,30 +136,44 @@ class ResponseObserver:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     status: int = 0
+    failed: bool = False  # reading the response failed: it passes through untouched from then on
     _pending: bytes = b""
 
     def body(self, data: bytes, more: bool) -> bytes:
-        """A body message of the response; returns the bytes to send on (possibly fewer, held back)."""
+        """A body message of the response; returns the bytes to send on (possibly fewer, held back).
+        Fail-open: if reading fails, everything held and all that follows passes through untouched."""
         if not more:
             self.finished_at = time.perf_counter()
-        if self.status != 200:
-            return data
-        if not self.stream:
-            self._pending += data
-            if more:
-                return b""
-            data, self._pending = self._pending, b""
+        if self.status == 200 and not self.failed:
             try:
-                payload = json.loads(data)
+                return self._observe(data, more)
+            except Exception:
+                self.failed = True
+        held, self._pending = self._pending + data, b""
+        if not self.stream and self.status == 200 and more:
+            self._pending = held  # a whole answer is sent when complete (its length is set then)
+            return b""
+        return held
+
+    def _observe(self, data: bytes, more: bool) -> bytes:
+        buffer = self._pending + data
+        if not self.stream:
+            if more:
+                self._pending = buffer
+                return b""
+            try:
+                payload = json.loads(buffer)
             except (json.JSONDecodeError, UnicodeDecodeError):
-                return data
-            changed = self._read(payload)
-            return json.dumps(payload).encode() if changed else data
-        self._pending += data
-        events, _, self._pending = self._pending.rpartition(b"\n\n")
-        if not more and self._pending:  # a last event without its blank line
-            events, self._pending = events + b"\n\n" + self._pending, b""
-        return b"".join(self._event(e) for e in events.split(b"\n\n") if e) if events else b""
+                payload = None
+            sent = json.dumps(payload).encode() if payload is not None and self._read(payload) else buffer
+            self._pending = b""  # only once read: on a failure, body() sends what was held
+            return sent
+        events, _, rest = buffer.rpartition(b"\n\n")
+        if not more and rest:  # a last event without its blank line
+            events, rest = events + b"\n\n" + rest, b""
+        sent = b"".join(self._event(e) for e in events.split(b"\n\n") if e) if events else b""
+        self._pending = rest
+        return sent
 
     def _event(self, event: bytes) -> bytes:
         if not event.startswith(b"data:") or event.strip() == b"data: [DONE]":

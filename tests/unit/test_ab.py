@@ -160,3 +160,17 @@ def test_a_server_with_a_bad_experiment_does_not_start(tmp_path, monkeypatch):
     config.write_text(json.dumps({"profile": "p", "ab": {"arms": {"none": 1}, "log": "/proc/nope/l.jsonl"}}))
     with pytest.raises(ConfigError, match="ab.log"):
         enabled_config()
+
+
+def test_a_response_the_observer_cannot_read_passes_through_untouched():
+    good = {"id": "cmpl-4", "choices": [{"text": "a", "logprobs": {"token_logprobs": [-1.0]}}]}
+    odd = {"id": "cmpl-4", "choices": [{"text": "b", "logprobs": {"token_logprobs": ["not a number"]}}]}
+    raw = sse(good, odd, good)
+    observer = ResponseObserver(chat=False, stream=True, strip=False)
+    observer.status = 200
+    sent = b"".join(observer.body(raw[i:i + 50], more=i + 50 < len(raw)) for i in range(0, len(raw), 50))
+    assert sent == raw and observer.failed  # every byte, in order, once
+    whole = ResponseObserver(chat=False, stream=False, strip=True)
+    whole.status = 200
+    body = json.dumps(odd).encode()
+    assert whole.body(body[:9], more=True) == b"" and whole.body(body[9:], more=False) == body and whole.failed

@@ -121,7 +121,12 @@ class ABTraffic:
 
     def finish(self, trial: Trial) -> None:
         """The response is done (or the client left): queue its record (completed and written soon)."""
-        trial.row.update(trial.observer.summary())
+        try:
+            trial.row.update(trial.observer.summary())
+        except Exception:  # still logged, without what could not be read
+            logger.exception("sinkguard: A/B response summary failed")
+        if trial.observer.failed:
+            trial.row["observer_failed"] = True
         self._queue.append(trial.row)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -133,7 +138,10 @@ class ABTraffic:
                 batch, self._queue = self._queue, []
                 counts = await self._counts([r["response_id"] for r in batch if r.get("response_id")])
                 for row in batch:
-                    self._write(row, counts.get(row.get("response_id") or ""))
+                    try:
+                        self._write(row, counts.get(row.get("response_id") or ""))
+                    except Exception:  # one bad record must not lose the rest of the batch
+                        logger.exception("sinkguard: A/B record not written: %s", row.get("response_id"))
         finally:
             self._flusher = None
 
@@ -168,7 +176,7 @@ class ABTraffic:
     def _count(self, row: dict[str, Any]) -> None:
         m, labels = self.metrics, (self.model_name, row["arm"])
         m.requests.labels(*labels, row["assignment"]).inc()
-        if row["status"] != 200:
+        if row.get("status") != 200:
             return
         m.latency.labels(*labels).observe(row["latency_s"])
         if row.get("ttft_s") is not None:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import secrets
 from typing import Any
@@ -41,6 +42,7 @@ from sinkguard.errors import ConfigError
 from sinkguard.policy import NO_POLICY
 from sinkguard.serving.options import RequestOptions
 
+logger = logging.getLogger("sinkguard")
 ADMIN_TOKEN_ENV = "SINKGUARD_ADMIN_TOKEN"
 DEFAULT_PAGE_EVENTS = 256
 MAX_PAGE_EVENTS = 1024
@@ -124,7 +126,7 @@ class RequestOptionsMiddleware:
                 body, arm = _routed(body)
                 problem = _validate(body)
                 if problem is None and is_generation(scope) and (traffic := self._traffic()) is not None:
-                    if (begun := traffic.begin(scope, body, arm)) is not None:
+                    if (begun := _beginning(traffic, scope, body, arm)) is not None:
                         body, trial = begun
             except ConfigError as exc:
                 problem = str(exc)
@@ -174,6 +176,18 @@ class RequestOptionsMiddleware:
 
 
 _TRAFFIC: list[ABTraffic | None] = []
+
+
+def _beginning(traffic: ABTraffic, scope: dict, body: bytes, arm: str | None) -> tuple[bytes, Any] | None:
+    """``traffic.begin``, fail-open: a fault in the experiment serves the request outside it (its own
+    or the default policy, unlogged) rather than failing it. ConfigError is the client's (HTTP 400)."""
+    try:
+        return traffic.begin(scope, body, arm)
+    except ConfigError:
+        raise
+    except Exception:
+        logger.exception("sinkguard: A/B assignment failed; request served outside the experiment")
+        return None
 
 
 def _arms() -> list[str]:
