@@ -13,6 +13,8 @@ Opt-in like every endpoint plugin (``VLLM_PLUGINS`` must name ``sinkguard``). Ad
 - arms as model names: every configured policy is listed in ``/v1/models`` as ``<model>:<policy>``
   (plus ``<model>:none``), and a request for such a name is served by ``<model>`` under that
   policy, its response tagged ``x-sinkguard-arm`` (``arms.py``);
+- the live A/B experiment of the serve config's ``ab`` section (``ab_traffic.py``): requests that
+  select no arm are assigned one, tagged and logged once;
 - a request-validation middleware: an invalid ``vllm_xargs.sinkguard_*`` option in the JSON body
   of *any* POST (completions, chat, responses, messages, whatever vLLM adds; under any
   ``--root-path``), or the name of a policy the server does not have, gets HTTP 400 naming it
