@@ -199,7 +199,7 @@ class ResponseObserver:
             if not isinstance(choice, dict):
                 continue
             text = (choice.get("delta") or {}).get("content") if self.chat else choice.get("text")
-            if text and self.first_token_at is None:
+            if text and self.stream and self.first_token_at is None:  # a whole answer has no first token time
                 self.first_token_at = time.perf_counter()
             logprobs = choice.get("logprobs")
             if isinstance(logprobs, dict):

@@ -126,6 +126,7 @@ def test_whole_answers_keep_what_the_client_asked_for():
     raw = json.dumps(answer).encode()
     assert kept.body(raw[:10], more=True) == b"" and kept.body(raw[10:], more=False) == raw
     assert kept.summary()["mean_logprob"] == -0.25 and kept.summary()["prompt_tokens"] == 5
+    assert kept.summary()["ttft_s"] is None  # only streamed answers have a time to first token
     stripped = ResponseObserver(chat=True, stream=False, strip=True)
     stripped.status = 200
     assert json.loads(stripped.body(raw, more=False))["choices"][0]["logprobs"] is None
