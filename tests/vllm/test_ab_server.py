@@ -161,6 +161,7 @@ def test_every_request_is_logged_once_with_its_counts(experiment, split):
     asked = answer["choices"][0]["logprobs"]["token_logprobs"]
     assert mine["mean_logprob"] == pytest.approx(sum(asked) / len(asked), abs=1e-6)
     assert mine["completion_tokens"] == 6 and mine["prompt_tokens"] == answer["usage"]["prompt_tokens"]
+    assert mine["ttft_s"] is None and 0 < mine["latency_s"] and not mine["stream"]
     assert {r["arm"] for r in rows} == {"none", "act", "remove"}
     arms_of_user: dict[str, set[str]] = {}
     for row in rows:
