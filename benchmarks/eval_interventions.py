@@ -152,7 +152,9 @@ def render() -> str:
            "family. Retrieval: passkey / multi-key answers found, by context length in tokens. Policies: `remove` "
            "(MLP projection removal, alpha 1), `clamp` (MLP norm clamped to the median token's), `act` (ACT on the "
            "heads `sinkguard select-heads` chose, benchmarks/results/act_<model>.yaml), `zerotuning` (first-token "
-           "scaling, gamma 0.5). Reported as measured.", ""]
+           "scaling, gamma 0.5). Reported as measured. Sizes fit a 2-core CPU, so the exact tests cannot reach small "
+           "p-values (8 paired texts: a two-sided permutation p is at least 1/128 before Holm's correction across "
+           "the family's tests); read the intervals first.", ""]
     for label in FAMILIES:
         folder = Path(f"benchmarks/results/eval_{label}")
         if (folder / "meta.json").exists() and (folder / "comparison.json").exists():
