@@ -37,10 +37,15 @@ __all__ = ["ABConfig", "ABLog", "Decision", "ResponseObserver", "assign", "decid
 Assignment = Literal["sticky", "random", "explicit"]
 
 
+def key_digest(config: ABConfig, key: str) -> bytes:
+    """``sha256(seed, key)``: places a sticky key on [0, 1) and, truncated, stands for it in the log."""
+    return hashlib.sha256(f"{config.seed}\0{key}".encode()).digest()
+
+
 def assign(config: ABConfig, key: str | None, rng: random.Random | None = None) -> tuple[str, Assignment]:
     """The arm for a request with sticky ``key`` (None: random), and how it was chosen."""
     if key:
-        digest = hashlib.sha256(f"{config.seed}\0{key}".encode()).digest()
+        digest = key_digest(config, key)
         point, how = int.from_bytes(digest[:8], "big") / 2**64, "sticky"
     else:
         point, how = (rng or random).random(), "random"
@@ -91,7 +96,7 @@ def decide_arm(config: ABConfig, payload: dict[str, Any], headers: dict[str, str
                               f"{chosen!r}; name one")
         chosen = override
     key = sticky_key(config, headers, payload)
-    key_hash = hashlib.sha256(f"{config.seed}\0{key}".encode()).hexdigest()[:16] if key else None
+    key_hash = key_digest(config, key).hex()[:16] if key else None
     if chosen is not None:
         decision = Decision(chosen, "explicit", key_hash)
     else:

@@ -60,7 +60,6 @@ class ABTraffic:
             self.metrics = ab_metrics()
         self._queue: list[dict[str, Any]] = []
         self._flusher: asyncio.Task | None = None
-        self.logged = 0
 
     def begin(self, scope: dict, body: bytes, named_arm: str | None) -> tuple[bytes, Trial] | None:
         """The request's body under its arm, and its trial (None: not a JSON object; vLLM answers it).
@@ -169,7 +168,6 @@ class ABTraffic:
                 self.log.append(row)
             except OSError:
                 logger.exception("sinkguard: cannot append to the A/B log %s", self.log.path)
-        self.logged += 1
         if self.metrics is not None:
             self._count(row)
 
