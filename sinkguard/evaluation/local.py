@@ -54,10 +54,11 @@ class LocalArmClient:
     @torch.inference_mode()
     def prompt_logprobs(self, prompt: str | list[int]) -> PromptLogprobs:
         """Log-probability of every prompt token given the ones before (the first is None)."""
+        from sinkguard.selection import token_logprobs
+
         ids = self._ids(prompt)
-        with self._lock, self._applying(len(ids)):
-            logits = self.model.model(input_ids=torch.tensor([ids]), use_cache=False).logits[0, :-1]
-        scores = torch.log_softmax(logits.float(), dim=-1).gather(1, torch.tensor(ids[1:])[:, None])[:, 0]
+        with self._lock:
+            scores = token_logprobs(self.model, ids, self.policy, self.profile)
         return PromptLogprobs([None, *scores.tolist()], "")
 
     @torch.inference_mode()
