@@ -260,6 +260,10 @@ class ServeConfig(StrictModel):
     """A finished request's record is dropped this long after it finished."""
     max_events_per_request: int = Field(1024, ge=1)
     """Upper bound on a request's ``sinkguard_max_events``."""
+    prefix_event_blocks: int = Field(1 << 18, ge=1)
+    """With vLLM's prefix caching: how many KV blocks' sink events are kept (LRU) so requests that hit
+    the cache get their prefix's events. Keep it above the engine's number of KV blocks; a hit on a
+    block no longer kept is reported (``cached_prefix_unknown_tokens``), never guessed."""
     metrics: bool = True
     """Export ``sinkguard:`` Prometheus metrics (needs PROMETHEUS_MULTIPROC_DIR in a server)."""
     model_name: str | None = None

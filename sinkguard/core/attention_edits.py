@@ -79,6 +79,10 @@ class SinkMemory:
         positions, layers = arrays
         return positions[layers < layer]
 
+    def born(self, key: Hashable) -> dict[int, int]:
+        """The request's flagged positions and the lowest layer each was flagged at."""
+        return self._born.get(key, {})
+
     def forget(self, key: Hashable) -> None:
         self._born.pop(key, None)
         self._arrays.pop(key, None)

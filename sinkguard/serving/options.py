@@ -75,3 +75,25 @@ class RequestOptions(StrictModel):
         except pydantic.ValidationError as exc:
             problems = describe_validation_error(exc, prefix=f"vllm_xargs.{REQUEST_OPTION_PREFIX}")
             raise ConfigError(f"invalid sinkguard request option: {problems}") from None
+
+
+def policy_cache_key(policy: Any) -> str:
+    """What a request's KV depends on besides its tokens: ``none`` for a policy without
+    interventions (its activations are plain vLLM's), else a digest of the policy's content (two
+    names for the same edits share it; an edited policy file does not)."""
+    import hashlib
+
+    if policy is None or not policy.interventions:
+        return "none"
+    content = json.dumps([spec.model_dump(mode="json") for spec in policy.interventions], sort_keys=True)
+    return "policy-" + hashlib.sha256(content.encode()).hexdigest()[:24]
+
+
+def policy_cache_salt(user_salt: str | None, policy: Any) -> str | None:
+    """The prefix-cache salt of a request under ``policy``: KV computed under one policy's edits is
+    never reused by a request under another, while requests of one policy (or of none) share it.
+    The client's own salt is kept inside it (requests without interventions keep it unchanged)."""
+    key = policy_cache_key(policy)
+    if key == "none":
+        return user_salt
+    return f"sinkguard:{key}" + (f":{user_salt}" if user_salt else "")

@@ -58,6 +58,8 @@ class RequestRecord:
     recomputed_tokens: int = 0  # tokens run again after a preemption (not scanned twice)
     unscanned_steps: int = 0  # steps of this request the detector could not scan (faults, untrusted capture)
     next_position: int = 0  # positions below this have been scanned
+    cached_prefix_tokens: int = 0  # served from the engine's prefix cache: events read back, not scanned
+    cached_prefix_unknown_tokens: int = 0  # of those, tokens whose events were no longer kept (never guessed)
     events: list[dict[str, Any]] = field(default_factory=list)
     events_dropped: int = 0
     policy: str = "none"
@@ -119,6 +121,8 @@ class RequestRecord:
             "tokens_scanned": {"prefill": self.prefill_tokens_scanned, "decode": self.decode_tokens_scanned},
             "prefill_steps": self.prefill_steps,
             "recomputed_tokens": self.recomputed_tokens,
+            "cached_prefix_tokens": self.cached_prefix_tokens,
+            "cached_prefix_unknown_tokens": self.cached_prefix_unknown_tokens,
             "unscanned_steps": self.unscanned_steps,
             "sink_counts": {k: self.kinds.get(k, 0) for k in ("reference", "primary", "secondary", "noise")},
             "events_dropped": self.events_dropped,

@@ -102,12 +102,14 @@ def check_profile_trust(profile: Any, config: ServeConfig) -> None:
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
-    from sinkguard.engines.vllm.settings import check_engine_settings
+    from sinkguard.engines.vllm.settings import check_engine_settings, compiled_mode
     from sinkguard.policy import ModelScope, check_scope
     from sinkguard.profile import SinkProfile
 
     vllm_config = runner.vllm_config
     check_engine_settings(vllm_config)
+    if compiled_mode(vllm_config):
+        mark_compiled_graph(vllm_config)
     if not (hasattr(runner, "input_batch") and hasattr(runner, "requests")):
         raise ConfigError(f"sinkguard observes vLLM's V1 model runner, not {type(runner).__module__}."
                           f"{type(runner).__name__}: set VLLM_USE_V2_MODEL_RUNNER=0")
@@ -135,6 +137,22 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     return runtime
 
 
+def mark_compiled_graph(vllm_config: Any) -> None:
+    """Make vLLM's compile caches (Inductor and AOT artifacts) tell a graph with sinkguard's op from one
+    without: both key on ``VllmConfig.compute_hash``, which covers ``additional_config``. Set in the
+    worker before the model's first forward, where vLLM compiles. Without it a plain server's cached
+    graph could be loaded here and run the model unobserved (caught after warm-up, ``_wrap_worker``)."""
+    from sinkguard._version import __version__
+    from sinkguard.engines.vllm.layer_op import QUALIFIED_NAME
+
+    if vllm_config.additional_config is None:
+        vllm_config.additional_config = {}
+    if not isinstance(vllm_config.additional_config, dict):
+        raise ConfigError("sinkguard: vLLM's additional_config is not a dict on this platform, so a compiled graph "
+                          "with sinkguard's op cannot be told apart in the compile cache; run with --enforce-eager")
+    vllm_config.additional_config["sinkguard"] = f"{__version__}:{QUALIFIED_NAME}"
+
+
 def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
     """Check the settings before ``runner_cls.load_model`` and, if ``observe``, install the
     detector after it (a runner sinkguard cannot observe is only checked: the check refuses it)."""
@@ -156,7 +174,9 @@ def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
 
 
 def _wrap_worker(worker_cls: type) -> None:
-    """Post-condition on ``worker_cls.load_model``: the runner it loaded carries the detector."""
+    """Post-conditions on ``worker_cls.load_model`` (the runner it loaded carries the detector) and
+    ``compile_or_warm_up_model`` (a compiled model calls sinkguard's op)."""
+    _wrap_warm_up(worker_cls)
     original = worker_cls.__dict__.get("load_model")
     if original is None or getattr(original, "_sinkguard_wrapped", False):
         return
@@ -177,6 +197,26 @@ def _wrap_worker(worker_cls: type) -> None:
     worker_cls.load_model = load_model
 
 
+def _wrap_warm_up(worker_cls: type) -> None:
+    original = worker_cls.__dict__.get("compile_or_warm_up_model")
+    if original is None or getattr(original, "_sinkguard_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        runtime = _runtime_of(self)
+        if runtime is not None and runtime.compiled and runtime.layer_calls == 0:
+            raise ConfigError(
+                "sinkguard: the compiled model ran its warm-up without calling sinkguard's layer op, so requests "
+                "would be served unobserved (a compiled graph from a cache that does not know the op?). Clear "
+                "vLLM's torch_compile_cache or set VLLM_DISABLE_COMPILE_CACHE=1, or run with --enforce-eager.")
+        return result
+
+    compile_or_warm_up_model._sinkguard_wrapped = True  # type: ignore[attr-defined]
+    worker_cls.compile_or_warm_up_model = compile_or_warm_up_model
+
+
 # (module, class, observed): the runner classes of vLLM 0.32 that load models. V1 runners are
 # observed; V2 runners only checked (the check refuses them by name).
 RUNNER_CLASSES = (
@@ -185,7 +225,8 @@ RUNNER_CLASSES = (
     ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", False),
     ("vllm.v1.worker.cpu.model_runner", "CPUModelRunner", False),
 )
-WORKER_CLASSES = (("vllm.v1.worker.gpu_worker", "Worker"),)  # CPU and XPU workers inherit its load_model
+# CPU and XPU workers inherit Worker's load_model; the CPU worker has its own compile_or_warm_up_model
+WORKER_CLASSES = (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker"))
 
 
 def _import_class(module: str, name: str) -> type | None:
@@ -243,6 +284,9 @@ def register() -> None:
         return
     from vllm.v1.worker.worker_base import WorkerBase
 
+    from sinkguard.engines.vllm.cache_salt import wrap_input_processor
+
+    wrap_input_processor(serve_policies(config))  # policies never share prefix-cached KV
     for module, name, observed in RUNNER_CLASSES:
         if (runner_cls := _import_class(module, name)) is not None:
             _wrap_runner(runner_cls, config, observed)

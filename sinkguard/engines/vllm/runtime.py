@@ -10,16 +10,22 @@ forward context says which rows of the flattened batch belong to which request. 
 after a preemption) and the fail-open guard are :mod:`sinkguard.serving`; metrics
 :mod:`sinkguard.metrics`. Engine settings it cannot observe are refused by ``settings.py``.
 
-Each decoder layer's ``forward`` is wrapped (an instance attribute, removed again by
-:meth:`VllmSinkRuntime.remove`) rather than given a forward hook: with a hook installed, PyTorch
-takes the slow path of ``Module.__call__``, which cost ~1.4% of a decode step on its own here
-(30 layers, measured with no-op hooks), against ~0.4% for a wrapper.
+A step starts and ends around the runner's ``_model_forward`` (Python outside the model in every
+mode): the step's plan is built before the first layer and the detector reads the step's
+captures after the last. In between, each decoder layer hands its MLP output and residual to
+:meth:`VllmSinkRuntime._on_layer` (planned MLP edits, then capture):
 
-Why it must run eagerly: Python code between layers does not run inside a torch.compile'd graph
-or a captured CUDA graph (added after compilation it never runs; traced at compile time it
-freezes), so the plugin refuses to start unless vLLM runs with ``enforce_eager=True``. The compiled-mode
-design (a registered custom op writing into a persistent buffer) is in ``COMPILED_MODE.md`` next to
-this file.
+- eagerly (``--enforce-eager``), through a wrapper around the layer's ``forward`` (an instance
+  attribute, removed again by :meth:`VllmSinkRuntime.remove`) rather than a forward hook: with a
+  hook installed, PyTorch takes the slow path of ``Module.__call__`` (~1.4% of a decode step here,
+  against ~0.4% for a wrapper);
+- compiled (vLLM's default), through the registered op ``sinkguard::layer_output``
+  (``layer_op.py``): the wrapper is installed before vLLM compiles the model, so Dynamo traces the
+  op call into the graph, and the op runs the handler at every forward. Inductor reuses
+  intermediate buffers, so the detector captures by copy (never by reference) in this mode.
+
+Attention edits wrap the attention implementation's ``forward``, which vLLM calls from its own
+opaque attention op at run time in both modes (on GPU a splitting op, outside CUDA graphs).
 """
 
 from __future__ import annotations
@@ -46,10 +52,13 @@ from sinkguard.core.plan import (
     edit_mlp_output,
     formation_rules,
 )
+from sinkguard.engines.vllm.settings import compiled_mode
 from sinkguard.errors import ConfigError
 from sinkguard.policy import NO_POLICY, ModelScope, PolicySet
 from sinkguard.profile import SinkProfile
 from sinkguard.serving.faults import FaultGuard, FaultInjector
+from sinkguard.serving.options import policy_cache_key
+from sinkguard.serving.prefix_events import PrefixEventStore
 from sinkguard.serving.records import RequestTracker
 
 logger = logging.getLogger("sinkguard")
@@ -127,41 +136,86 @@ class VllmSinkRuntime:
         self._input_ids: torch.Tensor | None = None
         self._positions: torch.Tensor | None = None
         self._elapsed = 0.0
-        self._wrapped: list[tuple[Any, Any]] = []  # (layer or attention impl, its previous instance forward)
+        self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, its previous instance value)
+        vllm_config = runner.vllm_config
+        self.compiled = compiled_mode(vllm_config)
+        self._traced_layers = False  # compiled mode: the layers' op calls are part of the graph for good
+        self._enabled = False
+        self.layer_calls = 0  # op calls seen (compiled mode): a graph without them is refused after warm-up
+        self.prefix_store: PrefixEventStore | None = None
+        self._prefix_missing: dict[str, list[int]] = {}  # cached blocks not in the store at the request's start
+        if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
+            self.prefix_store = PrefixEventStore(int(vllm_config.cache_config.block_size),
+                                                 config.prefix_event_blocks)
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> None:
-        # vLLM's compile decorator replaces LlamaModel.__call__, so nothing around the model itself
-        # runs even in eager mode; the decoder layers are plain modules. A step starts at the first
-        # layer and ends with the last one.
-        if self._wrapped:
+        """Install the step hooks and the layer hooks (compiled mode: before vLLM compiles the model,
+        which happens at its first forward). Idempotent; :meth:`remove` undoes it."""
+        if self._enabled:
             return
         layers = decoder_layers(self.runner.model)
         # The persistent buffer exists before vLLM measures memory and sizes the KV cache.
         self.detector.allocate(next(self.runner.model.parameters()).device)
-        last = len(layers) - 1
-        attention = self._attention_layers(layers) if self.edits_attention else []
-        for index, layer in enumerate(layers):
-            self._wrapped.append((layer, layer.__dict__.get("forward")))
-            layer.forward = self._observed_forward(index, layer.forward, first=index == 0, last=index == last)
-        for index, attn in attention:  # only when a configured policy edits attention: otherwise no cost at all
-            self._wrapped.append((attn.impl, attn.impl.__dict__.get("forward")))
-            attn.impl.forward = self._edited_attention(index, attn.impl.forward)
+        self._wrap(self.runner, "_model_forward", self._stepped_forward(self.runner._model_forward))
+        if not self.compiled:
+            for index, layer in enumerate(layers):
+                self._wrap(layer, "forward", self._observed_forward(index, layer.forward))
+        elif not self._traced_layers:
+            self._trace_layers(layers)
+        if self.edits_attention:  # only when a configured policy edits attention: otherwise no cost at all
+            for index, attn in self._attention_layers(layers):
+                self._wrap(attn.impl, "forward", self._edited_attention(index, attn.impl.forward))
+        self._enabled = True
         self.removed_reason = None
         self.guard.rearm()
 
+    def _wrap(self, target: Any, attribute: str, replacement: Any) -> None:
+        self._wrapped.append((target, attribute, target.__dict__.get(attribute)))
+        setattr(target, attribute, replacement)
+
+    def _trace_layers(self, layers: list[torch.nn.Module]) -> None:
+        """Compiled mode: each layer's forward calls the registered op after the layer's own work. The
+        wrapper holds no Python state, so tracing it freezes nothing; it stays for the process's life
+        (the compiled graph calls the op whether or not detection is on; off, the op returns at once)."""
+        from sinkguard.engines.vllm import layer_op
+
+        op = layer_op.register()
+        layer_op.set_handler(self._on_layer)
+        self.detector.zero_copy = False  # Inductor reuses intermediate buffers within a step
+        compilation = self.runner.vllm_config.compilation_config
+        cudagraphs = getattr(compilation, "cudagraph_mode", None)
+        if cudagraphs is not None and cudagraphs.has_piecewise_cudagraphs():
+            # piecewise CUDA graphs: the op runs Python, so it must split the graph (appended, not replacing
+            # the user's list). A no-op on CPU, which captures no graphs.
+            ops = compilation.splitting_ops if compilation.splitting_ops is not None else []
+            if layer_op.QUALIFIED_NAME not in ops:
+                compilation.splitting_ops = [*ops, layer_op.QUALIFIED_NAME]
+        for index, layer in enumerate(layers):
+            forward = layer.forward
+
+            def traced_forward(*args: Any, _forward: Any = forward, _index: int = index, **kwargs: Any) -> Any:
+                output = _forward(*args, **kwargs)
+                op(output[0], output[1], _index)  # vLLM layers return (mlp output, residual before it)
+                return output
+
+            layer.forward = traced_forward
+        self._traced_layers = True
+
     def remove(self) -> None:
-        for layer, previous in self._wrapped:
+        """Undo :meth:`install` (compiled mode: the op stays in the graph and does nothing)."""
+        for target, attribute, previous in reversed(self._wrapped):
             if previous is None:
-                del layer.forward  # back to the class's forward
+                delattr(target, attribute)  # back to the class's attribute
             else:
-                layer.forward = previous
+                setattr(target, attribute, previous)
         self._wrapped.clear()
+        self._enabled = False
         self._active = False
 
     @property
     def installed(self) -> bool:
-        return bool(self._wrapped)
+        return self._enabled
 
     def _attention_layers(self, layers: list[torch.nn.Module]) -> list[tuple[int, Any]]:
         """Each decoder layer's vLLM attention module, checked for what attention edits can honour."""
@@ -184,7 +238,8 @@ class VllmSinkRuntime:
                     raise ConfigError(f"attention interventions do not model {name} (layer {index}, "
                                       f"{type(impl).__name__}); remove attention_redistribution/first_token_scaling "
                                       "from the policies for this model")
-            attn._sinkguard_reader = PagedKvReader(attn)
+            if getattr(attn, "_sinkguard_reader", None) is None:
+                attn._sinkguard_reader = PagedKvReader(attn)
             found.append((index, attn))
         return found
 
@@ -206,23 +261,41 @@ class VllmSinkRuntime:
         request_ids = list(self.runner.input_batch.req_ids[:num_requests])
         return query_start, request_ids
 
-    def _on_step_start(self, args: tuple, kwargs: dict) -> None:
+    def _stepped_forward(self, forward: Any) -> Any:
+        """Wrap the runner's ``_model_forward``: a step's plan before the model, its detection after."""
+
+        def stepped_forward(*args: Any, **kwargs: Any) -> Any:
+            try:
+                self._on_step_start(kwargs.get("positions"))
+            except Exception as exc:
+                self._fault("step_start", exc)
+            output = forward(*args, **kwargs)  # the model's own work: never guarded
+            if self._active:
+                try:
+                    self._on_step_end()
+                except Exception as exc:
+                    self._fault("step_end", exc)
+            return output
+
+        return stepped_forward
+
+    def _on_step_start(self, positions: torch.Tensor | None) -> None:
         start = time.perf_counter()
         self._layout = None
         self._plan = EMPTY_PLAN
+        self._active = False
         self.injector.step()
         layout = self._batch_layout()
-        self._active = layout is not None
-        if not self._active:
+        if layout is None or positions is None:
             return
+        self._active = True
         self._layout = layout
         self.injector.maybe_raise("step_start")
         self._num_tokens = int(layout[0][-1])
-        # LlamaDecoderLayer.forward(positions, hidden_states, residual)
-        self._positions = kwargs.get("positions", args[0] if args else None)
+        self._positions = positions
         self._input_ids = self.runner.input_ids.cpu
         self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
-        self.detector.start(self._num_tokens, self._positions.device)
+        self.detector.start(self._num_tokens, positions.device)
         self._plan = self._step_plan(layout)
         self._elapsed = time.perf_counter() - start
 
@@ -243,31 +316,30 @@ class VllmSinkRuntime:
                                record.policy_spec, request_ids[i]) for i, record in chosen]
         return build_plan(pieces, self.forming_layers, self.primary_position, len(self.rules))
 
-    def _observed_forward(self, index: int, forward: Any, first: bool, last: bool) -> Any:
-        observe = self.detector.observe  # runs for every layer of every step: keep it lean
-        inject = self.injector.maybe_raise if self.injector.injection is not None else None
+    def _on_layer(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
+        """One decoder layer's MLP output (edited in place as planned) and residual, ``[N, d]`` each."""
+        self.layer_calls += 1
+        if not self._active:
+            return
+        try:
+            start = time.perf_counter()
+            if self.injector.injection is not None:
+                self.injector.maybe_raise("layer")
+            if not self._plan.empty:  # edits land before the detector reads them
+                self._applied(edit_mlp_output(index, mlp_out, self._plan, self.rules[index], self.memory,
+                                              self.primary_position))
+            self.detector.observe(index, mlp_out, residual)
+            self._elapsed += time.perf_counter() - start
+        except Exception as exc:
+            self._fault("layer", exc)
+
+    def _observed_forward(self, index: int, forward: Any) -> Any:
+        on_layer = self._on_layer  # runs for every layer of every step: keep it lean
 
         def observed_forward(*args: Any, **kwargs: Any) -> Any:
-            if first:
-                try:
-                    self._on_step_start(args, kwargs)
-                except Exception as exc:
-                    self._fault("step_start", exc)
             output = forward(*args, **kwargs)  # the model's own work: never guarded
             if self._active:
-                try:
-                    start = time.perf_counter()
-                    if inject is not None:
-                        inject("layer")
-                    if not self._plan.empty:  # edits land before the detector reads them
-                        self._applied(edit_mlp_output(index, output[0], self._plan, self.rules[index], self.memory,
-                                                      self.primary_position))
-                    observe(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
-                    self._elapsed += time.perf_counter() - start
-                    if last:
-                        self._on_step_end()
-                except Exception as exc:
-                    self._fault("layer" if not last else "step_end", exc)
+                on_layer(index, output[0], output[1])  # vLLM layers return (mlp output, residual before it)
             return output
 
         return observed_forward
@@ -317,6 +389,8 @@ class VllmSinkRuntime:
         events = self.detector.finish(positions)
         if self.record:
             self._record(positions, events)  # events None: the step's activations were not usable
+        if self.prefix_store is not None:  # every rank: attention edits read the restored formation flags
+            self._commit_blocks(positions, scanned=events is not None)
         self._elapsed += time.perf_counter() - start
         self.steps += 1
         self.total_seconds += self._elapsed
@@ -383,19 +457,72 @@ class VllmSinkRuntime:
                 self.metrics.tokens_scanned.labels(self.model_name, "prefill").inc(step_prefill)
             if step_decode:
                 self.metrics.tokens_scanned.labels(self.model_name, "decode").inc(step_decode)
-        if not events:
-            return
+        if events:
+            self._record_events(events, query_start, records, scanned_below)
+
+    def _record_events(self, events: list, query_start: np.ndarray, records: list, scanned_below: list[int]) -> None:
         token_ids = self._input_ids[: self._num_tokens].cpu().numpy() if self._input_ids is not None else None
+        store = self.prefix_store
         for column, event in events:
             i = int(np.searchsorted(query_start, column, side="right")) - 1
             record = records[i]
-            if not record.options.detect or event.position < scanned_below[i]:
-                continue
+            if event.position < scanned_below[i]:
+                continue  # recomputed after a preemption: recorded the first time
             if token_ids is not None:
                 event.token_id = int(token_ids[column])
+            if store is not None:
+                store.add(record.request_id, (event,))  # whatever the request's options: the block's events
+            if not record.options.detect:
+                continue
             record.add(event, "prefill" if event.position < record.prompt_tokens else "decode")
             if self.metrics is not None and not event.is_reference:
                 self.metrics.sinks_detected.labels(self.model_name, event.kind, str(event.birth_layer)).inc()
+
+    # -- prefix caching -----------------------------------------------------------------------
+    def _token_ids(self, request_id: str) -> list[int]:
+        state = self.runner.requests[request_id]
+        return [*(state.prompt_token_ids or ()), *state.output_token_ids]
+
+    def _commit_blocks(self, positions: np.ndarray, scanned: bool) -> None:
+        """Store the blocks this step completed, then read back cached blocks that were missing at the
+        step's start (another request of the same step was computing them). After an unscanned step
+        the step's requests store nothing more: their later blocks' events would be incomplete."""
+        store = self.prefix_store
+        query_start, request_ids = self._layout
+        ends = (positions[query_start[1:] - 1] + 1).tolist()
+        for request_id, upto in zip(request_ids, ends):
+            if not scanned:
+                store.forget(request_id)
+            elif store.needs_commit(request_id, upto):
+                store.commit(request_id, self._token_ids(request_id), upto,
+                             tuple(self.memory.born(request_id).items()))
+        for request_id in request_ids:
+            missing = self._prefix_missing.pop(request_id, None)
+            if missing:
+                record = self.tracker.live[request_id]
+                restored = self._restore(record, missing)
+                record.cached_prefix_unknown_tokens += store.give_up(restored.missing)
+                record.events.sort(key=lambda event: event["position"])  # the prefix's events lead, as in a recompute
+
+    def _restore(self, record: Any, blocks: list[int]) -> Any:
+        """Read the cached ``blocks`` of ``record``'s request back into its record and sink memory."""
+        restored = self.prefix_store.restore(record.request_id, self._token_ids(record.request_id), blocks)
+        if record.options.detect:
+            for event in sorted(restored.events, key=lambda e: e.position):
+                record.add(event, "prefill" if event.position < record.prompt_tokens else "decode")
+        for position, layer in restored.formations:
+            self.memory.flag(record.request_id, np.array([position]), layer)
+        return restored
+
+    def _cached_prefix(self, record: Any, cached_tokens: int) -> None:
+        """A request that starts with ``cached_tokens`` tokens served from the prefix cache."""
+        record.cached_prefix_tokens = cached_tokens
+        record.next_position = cached_tokens  # not recomputed: read back
+        full = cached_tokens // self.prefix_store.block_size
+        record.cached_prefix_unknown_tokens = cached_tokens - full * self.prefix_store.block_size
+        restored = self._restore(record, list(range(full)))
+        if restored.missing:
+            self._prefix_missing[record.request_id] = restored.missing
 
     def _first_sight(self, request_id: str) -> Any:
         """Open a record with the request's prompt length and options (once, not every step)."""
@@ -410,10 +537,17 @@ class VllmSinkRuntime:
             policy = self.policies.get(NO_POLICY)
         record.policy = policy.name
         record.policy_spec = policy if policy.interventions else None  # None: nothing to plan
+        if self.prefix_store is not None and state is not None:
+            self.prefix_store.begin(request_id, policy_cache_key(record.policy_spec))
+            if state.num_computed_tokens > 0:
+                self._cached_prefix(record, state.num_computed_tokens)
         return record
 
     def _on_retire(self, record: Any) -> None:
         self.memory.forget(record.request_id)
+        if self.prefix_store is not None:
+            self.prefix_store.forget(record.request_id)
+            self._prefix_missing.pop(record.request_id, None)
         if self.metrics is not None:
             self.metrics.requests_finished.labels(self.model_name).inc()
 
@@ -446,4 +580,7 @@ class VllmSinkRuntime:
             "zero_copy_verifications": self.detector.verifications,
             "persistent_buffer_bytes": self.detector.buffer_bytes,
             "detector_seconds": round(self.total_seconds, 6),
+            "compiled": self.compiled,
+            "layer_op_calls": self.layer_calls,
+            "prefix_events": self.prefix_store.stats() if self.prefix_store is not None else None,
         }

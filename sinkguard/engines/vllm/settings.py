@@ -1,5 +1,10 @@
 """Engine settings under which sinkguard's records would be silently wrong, refused at start-up.
 
+vLLM's defaults are accepted: compiled mode (the per-layer work is a registered op inside the
+compiled graph, ``layer_op.py``), piecewise CUDA graphs (the op splits the graph) and prefix caching
+(cached blocks keep their events, ``sinkguard.serving.prefix_events``; policies never share cached KV,
+``cache_salt.py``).
+
 Each rule names the vLLM 0.32 setting, why it breaks the observer, and what to set instead. The
 check runs in every worker before the weights load (``plugin.py``), against the worker's own
 ``VllmConfig``, so it sees the settings vLLM actually resolved (defaults included: async
@@ -23,21 +28,31 @@ class Refusal:
     fix: str
 
 
+def compiled_mode(config: Any) -> bool:
+    """Whether vLLM will run the model through torch.compile (any mode but NONE, not eager)."""
+    if getattr(config.model_config, "enforce_eager", False):
+        return False
+    mode = getattr(config.compilation_config, "mode", None)
+    return mode is not None and int(mode) != 0
+
+
+def _full_cudagraphs(config: Any) -> bool:
+    mode = getattr(config.compilation_config, "cudagraph_mode", None)
+    return (not getattr(config.model_config, "enforce_eager", False) and mode is not None
+            and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs())
+
+
 def _kv_connector(config: Any) -> str | None:
     transfer = getattr(config, "kv_transfer_config", None)
     return getattr(transfer, "kv_connector", None) if transfer is not None else None
 
 
 REFUSALS: tuple[Refusal, ...] = (
-    Refusal("compiled mode (enforce_eager=False)",
-            lambda c: not getattr(c.model_config, "enforce_eager", False),
-            "sinkguard needs vLLM in eager mode: its detector runs as Python code between decoder layers, which "
-            "does not run inside torch.compile graphs or CUDA graphs (detection would silently stop)",
-            "start vLLM with --enforce-eager (`sinkguard serve` sets it)"),
-    Refusal("prefix caching", lambda c: bool(getattr(c.cache_config, "enable_prefix_caching", False)),
-            "sinkguard cannot run with prefix caching: tokens served from the prefix cache skip the forward pass, "
-            "so sinks among them would go undetected",
-            "start vLLM with --no-enable-prefix-caching (`sinkguard serve` sets it)"),
+    Refusal("full CUDA graphs (compilation_config.cudagraph_mode)", _full_cudagraphs,
+            "a full CUDA graph replays kernels and runs no Python, so sinkguard's per-layer op (detection and "
+            "interventions) would not run in the steps it captures (vLLM's GPU default captures decode steps whole)",
+            "run piecewise CUDA graphs: -cc.cudagraph_mode=PIECEWISE (`sinkguard serve` sets it on GPU), or "
+            "--enforce-eager"),
     Refusal("the V2 model runner", lambda c: bool(getattr(c, "use_v2_model_runner", False)),
             "sinkguard observes vLLM's V1 model runner (its input batch and request states); vLLM 0.32 uses the V2 "
             "runner by default where Triton is available, and sinkguard does not observe it yet",
@@ -52,7 +67,7 @@ REFUSALS: tuple[Refusal, ...] = (
             "remove --speculative-config"),
     Refusal("KV connectors and KV offloading", lambda c: _kv_connector(c) is not None,
             "tokens whose KV cache arrives through a connector (disaggregated prefill, LMCache, CPU offloading) "
-            "skip the forward pass, like prefix-cache hits, so their sinks would go undetected",
+            "skip the forward pass and, unlike vLLM's own prefix cache, come without their sink events",
             "remove --kv-transfer-config / --kv-offloading-size"),
     Refusal("data parallelism", lambda c: c.parallel_config.data_parallel_size > 1,
             "each data-parallel engine keeps its own records, and a lookup reaches only one of them",
