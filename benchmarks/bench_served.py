@@ -116,6 +116,7 @@ def bench_command(args: argparse.Namespace, base_url: str, model_dir: str, seed:
         "--model", SERVED_NAME, "--tokenizer", model_dir, "--dataset-name", "random",
         "--random-input-len", str(args.input_len), "--random-output-len", str(args.output_len),
         "--random-range-ratio", str(args.range_ratio), "--num-prompts", str(args.num_prompts),
+        "--random-prefix-len", str(args.prefix_len),
         "--max-concurrency", str(args.max_concurrency), "--request-rate", str(args.request_rate),
         "--seed", str(seed), "--temperature", "0", "--ignore-eos", "--disable-tqdm",
         "--percentile-metrics", "ttft,tpot,itl,e2el", "--metric-percentiles", "50,99",
@@ -172,46 +173,74 @@ def ratio_of_sums(on: list[dict], off: list[dict], num: str, den: str | None, dr
             "per_pair": [float((a / b) / (c / d)) for a, b, c, d in zip(n_on, d_on, n_off, d_off, strict=True)]}
 
 
+def start_server(args: argparse.Namespace, dtype: str, config, workdir: Path, console):
+    """Start one server (sinkguard's launch; ``config.enabled`` False keeps the plugin inert: plain vLLM) with
+    its own empty vLLM cache folder, so compiled mode compiles from scratch; returns it and its seconds to ready."""
+    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.models import resolve_model
+
+    model_dir = resolve_model(None).path
+    workdir.mkdir(parents=True, exist_ok=True)
+    launch = prepare_launch(model_dir, config, SERVED_NAME, port=free_port(),
+                            extra_args=["--max-model-len", "2048", "--dtype", dtype, "--seed", "0",
+                                        *(["--enforce-eager"] if args.eager else [])],
+                            workdir=workdir)
+    launch.env["SINKGUARD_ADMIN_TOKEN"] = ADMIN_TOKEN
+    launch.env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # room for every request in flight
+    launch.env["VLLM_CACHE_ROOT"] = str(workdir / "vllm-cache")  # cold compile: start-up cost measured whole
+    what = "sinkguard" if config.enabled else "plain vLLM"
+    console.print(f"[bold]{dtype}[/]: starting {what} at {launch.base_url} (log {workdir / 'server.log'}) ...")
+    start = time.perf_counter()
+    server = RunningServer(launch).__enter__()
+    try:
+        server.wait_ready(timeout=1800)
+    except Exception:
+        console.print(server.log_tail())
+        server.__exit__(None, None, None)
+        raise
+    return server, time.perf_counter() - start
+
+
 def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
     from sinkguard.calibration import profile_for_model
     from sinkguard.config import ServeConfig
-    from sinkguard.engines.vllm.server import RunningServer, check_detector_installed, free_port, prepare_launch
+    from sinkguard.engines.vllm.server import check_detector_installed
     from sinkguard.models import resolve_model
 
     model_dir = str(resolve_model(None).path)
     profile_path, _ = profile_for_model(None)
     workdir = Path(tempfile.mkdtemp(prefix=f"sinkguard-bench-served-{dtype}-"))
     policies = str(args.policies.absolute()) if args.policy else None
-    launch = prepare_launch(Path(model_dir), ServeConfig(profile=str(profile_path), policies=policies), SERVED_NAME,
-                            port=free_port(),
-                            extra_args=["--max-model-len", "2048", "--dtype", dtype, "--seed", "0"],
-                            workdir=workdir)
-    launch.env["SINKGUARD_ADMIN_TOKEN"] = ADMIN_TOKEN
-    launch.env["VLLM_CPU_KVCACHE_SPACE"] = str(args.kv_cache_gib)  # room for every request in flight
-    console.print(f"[bold]{dtype}[/]: starting vLLM at {launch.base_url} (log {workdir / 'server.log'}) ...")
+    config = ServeConfig(profile=str(profile_path), policies=policies)
     rounds: list[dict] = []
-    with RunningServer(launch) as server:
-        try:
-            server.wait_ready(timeout=900)
-        except (RuntimeError, TimeoutError):
-            console.print(server.log_tail())
-            raise
+    startup: dict[str, float] = {}
+    server, startup["sinkguard"] = start_server(args, dtype, config, workdir / "sinkguard", console)
+    plain = None
+    try:
         check_detector_installed(server.base_url, {"Authorization": f"Bearer {ADMIN_TOKEN}"})
-        schedule = [("warmup", True, args.seed_base + 1000)]
+        if args.against_plain:
+            plain, startup["plain"] = start_server(args, dtype, config.model_copy(update={"enabled": False}),
+                                                   workdir / "plain", console)
+        console.print("  start-up (s): " + ", ".join(f"{k} {v:.1f}" for k, v in startup.items()))
+        schedule = [("warmup-on", True, args.seed_base + 1000)]
+        if args.against_plain:
+            schedule.append(("warmup-off", False, args.seed_base + 1001))
         for pair in range(args.rounds):  # ABBA: (on, off), (off, on), (on, off), ...
             order = (True, False) if pair % 2 == 0 else (False, True)
             schedule += [(f"pair{pair}-{'on' if state else 'off'}", state, args.seed_base + pair) for state in order]
         for name, enabled, seed in schedule:
             extra_body = None
-            if args.policy:  # both arms observed; ON selects the policy, OFF the policy "none"
-                extra_body = {"vllm_xargs": {"sinkguard_policy": args.policy if enabled else "none"}}
-            else:
+            target = server.base_url if enabled or not args.against_plain else plain.base_url
+            if args.policy:  # ON selects the policy; OFF the policy "none" (or, against plain vLLM, nothing)
+                if enabled or not args.against_plain:
+                    extra_body = {"vllm_xargs": {"sinkguard_policy": args.policy if enabled else "none"}}
+            elif not args.against_plain:
                 set_detection(server.base_url, enabled)
-            before, preempted = detector_counters(server.base_url), preemptions(server.base_url)
+            before, preempted = detector_counters(server.base_url), preemptions(target)
             start = time.perf_counter()
-            result = run_round(args, server.base_url, model_dir, seed, workdir, name, extra_body)
+            result = run_round(args, target, model_dir, seed, workdir, name, extra_body)
             wall = time.perf_counter() - start
-            after, preempted = detector_counters(server.base_url), preemptions(server.base_url) - preempted
+            after, preempted = detector_counters(server.base_url), preemptions(target) - preempted
             steps = after[1] - before[1]
             if not enabled and steps and not args.policy:
                 raise RuntimeError(f"round {name}: the detector observed {steps} steps while switched off")
@@ -224,9 +253,14 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
                           f"TPOT {result['tpot_sum_ms'] / max(result['tpot_count'], 1):7.1f} ms"
                           + (f"  detector {1000 * result['detector_seconds'] / steps:.2f} ms/step x {steps}"
                              if steps else "") + (f"  [red]{preempted:.0f} preemptions[/]" if preempted else ""))
-        if not args.policy:
+        if not args.policy and not args.against_plain:
             set_detection(server.base_url, True)
-    measured = [r for r in rounds if r["name"] != "warmup"]
+        status = admin(server.base_url, "/sinkguard/status").get("workers") or [{}]
+    finally:
+        for running in (server, plain):
+            if running is not None:
+                running.__exit__(None, None, None)
+    measured = [r for r in rounds if not r["name"].startswith("warmup")]
     on = [r for r in measured if r["enabled"]]
     off = [r for r in measured if not r["enabled"]]
     on.sort(key=lambda r: r["seed"])
@@ -236,7 +270,8 @@ def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
             for a, b in zip(on, off, strict=True)]
     det_s, det_steps = sum(r["detector_seconds"] for r in on), sum(r["detector_steps"] for r in on)
     return {
-        "dtype": dtype, "rounds": rounds, "summary": summary,
+        "dtype": dtype, "rounds": rounds, "summary": summary, "startup_seconds": startup,
+        "engine": {k: status[0].get(k) for k in ("compiled", "zero_copy_capture", "prefix_events")},
         "preemptions": sum(r["preemptions"] for r in measured),
         "identical_outputs": {"requests": sum(same), "of": sum(len(r["texts_sha1"]) for r in on)},
         "detector": {"seconds": det_s, "steps": det_steps,
@@ -251,7 +286,10 @@ def fmt_ratio(entry: dict) -> tuple[str, str]:
 
 
 def arm_labels(config: dict) -> tuple[str, str]:
-    """(ON, OFF) arm names: the detector, or a policy over observe-only."""
+    """(ON, OFF) arm names: the detector, or a policy over observe-only, or sinkguard over plain vLLM."""
+    if config.get("against_plain"):
+        return (f"sinkguard, policy {config['policy']}" if config.get("policy") else "sinkguard observe-only",
+                "plain vLLM")
     return (f"policy {config['policy']}", "observe-only") if config.get("policy") else ("detector ON", "OFF")
 
 
@@ -259,7 +297,8 @@ def print_table(results: list[dict], console, config: dict) -> None:
     from rich.table import Table
 
     on_label, off_label = arm_labels(config)
-    table = Table(title=f"served load: {on_label} vs {off_label} (same server, ABBA rounds, ratio of sums)",
+    where = "two servers" if config.get("against_plain") else "same server"
+    table = Table(title=f"served load: {on_label} vs {off_label} ({where}, ABBA rounds, ratio of sums)",
                   title_justify="left")
     for column in ("dtype", "metric", "OFF", "ON", "ON / OFF", "95% CI (paired bootstrap)"):
         table.add_column(column, justify="right" if column not in ("dtype", "metric") else "left")
@@ -275,25 +314,38 @@ def print_table(results: list[dict], console, config: dict) -> None:
     console.print(table)
 
 
+def method_text(config: dict) -> str:
+    """How the arms were formed, for the results page."""
+    mode = ("eager (`--enforce-eager`)" if config.get("eager") else
+            "vLLM's default mode (torch.compile, prefix caching)")
+    prefix = (f", every prompt starting with the same {config['prefix_len']} tokens (prefix-cache hits)"
+              if config.get("prefix_len") else "")
+    if config.get("against_plain"):
+        arms = ("Two servers run side by side with the same settings: sinkguard" + (
+            f" (requests select policy `{config['policy']}`, policies in `{config['policies']}`)"
+            if config.get("policy") else " (observe-only: requests select no policy)")
+            + " and plain vLLM (the plugin inert, `enabled: false`); rounds alternate between them, only one "
+            "server under load at a time, one discarded warm-up round each")
+    elif config.get("policy"):
+        arms = (f"ON / OFF = requests selecting policy `{config['policy']}` / policy `none` in one server (detector "
+                f"on in both arms; policies in `{config['policies']}`), after one discarded warm-up round")
+    else:
+        arms = ("The detector is switched on and off between rounds in the same server (`POST /sinkguard/detection`), "
+                "after one discarded warm-up round")
+    return (f"vLLM in {mode}, driven by `vllm bench serve` (random dataset, {config['num_prompts']} prompts of "
+            f"~{config['input_len']} input / ~{config['output_len']} output tokens, range ratio "
+            f"{config['range_ratio']}{prefix}, Poisson arrivals at {config['request_rate']} req/s, at most "
+            f"{config['max_concurrency']} in flight, greedy, `--ignore-eos`). {arms}. {config['rounds']} pairs of "
+            "rounds per dtype in ABBA order, both rounds of a pair with the same seed (identical requests and "
+            "arrival times). Ratios ON / OFF of sums over all rounds; 95% intervals from a paired bootstrap over "
+            "round pairs. Detector ms / step: the worker's `detector_seconds` / `steps` over the ON rounds.")
+
+
 def markdown(results: list[dict], config: dict, command: str) -> str:
+    on_label, off_label = arm_labels(config)
     lines = [
-        "## Served load (`benchmarks/bench_served.py`)" + (f": policy `{config['policy']}` vs observe-only"
-                                                            if config.get("policy") else ""), "",
-        f"Command ({time.strftime('%Y-%m-%d')}):", "", "```bash", command, "```", "",
-        f"One sinkguard-enabled vLLM server per dtype, driven by `vllm bench serve` (random dataset, "
-        f"{config['num_prompts']} prompts of ~{config['input_len']} input / ~{config['output_len']} output tokens, "
-        f"range ratio {config['range_ratio']}, Poisson arrivals at {config['request_rate']} req/s, at most "
-        f"{config['max_concurrency']} in flight, greedy, `--ignore-eos`). "
-        + ("Rounds alternate between the two arms' requests" if config.get("policy") else
-           "The detector is switched on and off between rounds in the same server (`POST /sinkguard/detection`)")
-        + f", {config['rounds']} pairs of rounds "
-        "per dtype in ABBA order, both rounds of a pair with the same seed (identical requests and arrival "
-        "times), after one discarded warm-up round. Ratios ON / OFF of sums over all rounds; 95% intervals "
-        "from a paired bootstrap over round pairs. Detector ms / step: the worker's `detector_seconds` / "
-        "`steps` over the ON rounds." + (
-            f" Here ON / OFF = requests selecting policy `{config['policy']}` / policy `none` (detector on in both "
-            f"arms; policies in `{config['policies']}`), so the ratios are the intervention's cost over "
-            "observe-only." if config.get("policy") else ""), "",
+        f"## Served load (`benchmarks/bench_served.py`): {on_label} vs {off_label}", "",
+        f"Command ({time.strftime('%Y-%m-%d')}):", "", "```bash", command, "```", "", method_text(config), "",
         "| dtype | metric | OFF | ON | ON / OFF | 95% CI |", "|---|---|---|---|---|---|",
     ]
     for result in results:
@@ -306,7 +358,8 @@ def markdown(results: list[dict], config: dict, command: str) -> str:
             lines.append(f"| {result['dtype']} | detector ms / step (ON rounds) | - | {det['ms_per_step']:.2f} | "
                          f"{100 * det['share_of_on_duration']:.1f}% of ON time | {det['steps']} steps |")
     lines.append("")
-    on_label, off_label = arm_labels(config)
+    lines += [f"{r['dtype']}: engine start-up to ready, cold compile cache: " + ", ".join(
+        f"{name} {seconds:.0f} s" for name, seconds in r["startup_seconds"].items()) for r in results]
     lines += [f"{r['dtype']}: {r['identical_outputs']['requests']} of {r['identical_outputs']['of']} paired requests "
               f"generated the same text under {on_label} and {off_label}." for r in results]
     return "\n".join(lines) + "\n"
@@ -331,6 +384,13 @@ def main() -> None:
     parser.add_argument("--seed-base", type=int, default=0)
     parser.add_argument("--round-timeout", type=float, default=1800.0, help="seconds per bench run")
     parser.add_argument("--policy", help="compare this policy against observe-only (needs --policies)")
+    parser.add_argument("--against-plain", action="store_true",
+                        help="OFF is a second server, plain vLLM (plugin inert), same settings; rounds alternate "
+                             "between the two servers")
+    parser.add_argument("--eager", action="store_true", help="--enforce-eager (default: vLLM's default mode, "
+                        "torch.compile and prefix caching)")
+    parser.add_argument("--prefix-len", type=int, default=0,
+                        help="tokens of a prefix shared by every prompt (--random-prefix-len): prefix-cache hits")
     parser.add_argument("--policies", type=Path, help="policy file served (YAML or JSON)")
     parser.add_argument("--out", type=Path, default=None,
                         help="results JSON (default benchmarks/results/served.json or served_<policy>.json)")
@@ -340,7 +400,8 @@ def main() -> None:
     if bool(args.policy) != bool(args.policies):
         parser.error("--policy and --policies go together")
     if args.out is None:
-        args.out = Path(f"benchmarks/results/served{'_' + args.policy if args.policy else ''}.json")
+        args.out = Path(f"benchmarks/results/served{'_vs_plain' if args.against_plain else ''}"
+                        f"{'_' + args.policy if args.policy else ''}.json")
     console = Console(width=None if sys.stdout.isatty() else 120)
     python = os.path.relpath(sys.executable) if Path(sys.executable).absolute().is_relative_to(Path.cwd()) else "python"
     command = f"{python} benchmarks/bench_served.py " + shlex.join(sys.argv[1:])

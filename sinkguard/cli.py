@@ -270,8 +270,8 @@ def serve(
     """Start vLLM's OpenAI-compatible server with online sink detection.
 
     Arguments after the options go to vLLM unchanged (e.g. --max-model-len 2048,
-    --tensor-parallel-size 2). sinkguard adds --enforce-eager, --no-enable-prefix-caching and
-    --no-async-scheduling. SIGTERM / SIGINT / SIGHUP stop the whole server; after start-up every
+    --tensor-parallel-size 2, --enforce-eager to debug in eager mode). vLLM runs in its default mode
+    (compiled, prefix caching); sinkguard adds --no-async-scheduling, and piecewise CUDA graphs on GPU. SIGTERM / SIGINT / SIGHUP stop the whole server; after start-up every
     worker must report the detector installed, or the server is stopped (exit status 2).
     """
     from sinkguard.calibration import profile_for_model

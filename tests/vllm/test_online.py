@@ -222,11 +222,14 @@ def test_aborted_request_is_retired(server, online_prompts):
     assert server_status(server)["workers"][0]["steps"] > 0
 
 
-def test_cpu_engine_keeps_zero_copy_capture(server, online_prompts):
-    """vLLM's CPU layers never overwrite their outputs in place, so the verification steps keep the
-    zero-copy capture on (the agreement tests above then exercise it), and no step went unscanned."""
+def test_capture_follows_the_engine_mode(server, online_prompts, engine_outputs):
+    """Eager: vLLM's CPU layers never overwrite their outputs in place, so the verification steps keep
+    the zero-copy capture on (the agreement tests above exercise it). Compiled (the server, vLLM's
+    default mode): Inductor reuses buffers, so the op's handler captures by copy. No step unscanned."""
+    eager = engine_outputs["status"]
+    assert not eager["compiled"] and eager["zero_copy_capture"] is True and eager["steps"] > 8
+    assert eager["unscanned_steps"] == 0 and eager["layer_op_calls"] == 0
     complete(server, online_prompts[6], max_tokens=16)
     worker = server_status(server)["workers"][0]
-    assert worker["steps"] > 8  # past the verification steps
-    assert worker["zero_copy_capture"] is True
-    assert worker["unscanned_steps"] == 0
+    assert worker["compiled"] and worker["zero_copy_capture"] is False and worker["layer_op_calls"] > 0
+    assert worker["steps"] > 8 and worker["unscanned_steps"] == 0

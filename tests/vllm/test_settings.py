@@ -13,7 +13,7 @@ import pytest
 from sinkguard.config import ServeConfig
 from sinkguard.engines.vllm import plugin
 from sinkguard.engines.vllm.server import ENFORCED_ARGS
-from sinkguard.engines.vllm.settings import REFUSALS, check_engine_settings, refused_settings
+from sinkguard.engines.vllm.settings import REFUSALS, check_engine_settings, compiled_mode, refused_settings
 from sinkguard.errors import ConfigError
 
 
@@ -30,10 +30,32 @@ def test_sinkguard_serve_settings_pass(hf_model):
     check_engine_settings(engine_config(hf_model.source.path))
 
 
+def test_vllms_default_mode_passes(hf_model):
+    """torch.compile and prefix caching, as vLLM runs by default."""
+    config = engine_config(hf_model.source.path, enforce_eager=False, enable_prefix_caching=True)
+    assert compiled_mode(config) and config.cache_config.enable_prefix_caching
+    check_engine_settings(config)
+
+
+def test_full_cuda_graphs_are_refused_by_name(hf_model):
+    """vLLM's GPU default captures decode steps as full CUDA graphs, where no Python runs. The CPU
+    platform captures none, so the mode is set on a real config object here."""
+    from vllm.config import CUDAGraphMode
+
+    for mode, refused in ((CUDAGraphMode.FULL_AND_PIECEWISE, True), (CUDAGraphMode.FULL_DECODE_ONLY, True),
+                          (CUDAGraphMode.FULL, True), (CUDAGraphMode.PIECEWISE, False)):
+        config = engine_config(hf_model.source.path, enforce_eager=False)
+        object.__setattr__(config.compilation_config, "cudagraph_mode", mode)
+        names = [rule.setting for rule in refused_settings(config)]
+        assert names == (["full CUDA graphs (compilation_config.cudagraph_mode)"] if refused else []), mode
+    with pytest.raises(ConfigError, match="cudagraph_mode=PIECEWISE"):
+        config = engine_config(hf_model.source.path, enforce_eager=False)
+        object.__setattr__(config.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
+        check_engine_settings(config)
+
+
 # Settings vLLM accepts on this CPU machine, passed as engine arguments.
 ACCEPTED_HERE = {
-    "compiled mode (enforce_eager=False)": {"enforce_eager": False},
-    "prefix caching": {"enable_prefix_caching": True},
     "speculative decoding": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,
                                                     "prompt_lookup_max": 3}},
     "KV connectors and KV offloading": {"kv_offloading_size": 1.0},
@@ -113,3 +135,5 @@ def test_every_model_runner_vllm_ships_is_covered(monkeypatch, tmp_path):
     from vllm.v1.worker.gpu_worker import Worker
 
     assert getattr(Worker.load_model, "_sinkguard_wrapped", False) and CPUWorker.load_model is Worker.load_model
+    for worker in (Worker, CPUWorker):  # the compiled graph must call sinkguard's op (checked after warm-up)
+        assert getattr(worker.compile_or_warm_up_model, "_sinkguard_wrapped", False), worker

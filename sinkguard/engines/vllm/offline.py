@@ -6,8 +6,9 @@ sharing state):
 
 PROMPTS.json holds token-id lists. Without SINKGUARD_CONFIG the plugin stays inert (plain vLLM);
 with it, OUT.json also holds each request's sink record (``{"tokens", "records"}``). Float32,
-eager, no prefix caching: the settings the detector needs; ``engine.json`` next to PROMPTS.json,
-if present, adds engine arguments (e.g. a tiny KV cache that forces preemptions).
+eager, no prefix caching (the reference path the tests compare vLLM's default mode with);
+``engine.json`` next to PROMPTS.json, if present, adds engine arguments (e.g. a tiny KV cache that
+forces preemptions, or ``{"enforce_eager": false, "enable_prefix_caching": true}``).
 """
 
 from __future__ import annotations
@@ -22,8 +23,9 @@ from pathlib import Path
 def generate(model_dir: Path, prompts: list[list[int]], folder: Path, max_tokens: int,
              serve_config: Path | None = None, timeout: float = 900, engine_args: dict | None = None,
              extra_args: list[dict] | None = None) -> dict:
-    """Run this module in a subprocess; returns ``{"tokens", "logprobs", "records"}`` (``logprobs``:
-    each generated token's log-probability). ``extra_args``: per-prompt ``vllm_xargs``."""
+    """Run this module in a subprocess; returns ``{"tokens", "logprobs", "records", "status"}`` (``logprobs``:
+    each generated token's log-probability; ``status``: the worker's sinkguard status). ``extra_args``:
+    per-prompt ``vllm_xargs``."""
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "prompts.json").write_text(json.dumps(prompts))
     (folder / "engine.json").write_text(json.dumps(engine_args or {}))
@@ -55,13 +57,14 @@ def _main(argv: list[str]) -> None:
     params = [SamplingParams(temperature=0.0, max_tokens=int(max_tokens), logprobs=1, extra_args=extra)
               for extra in extras]
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
-    records = []
+    records, status = [], None
     if len(argv) > 4:
         records = [llm.collective_rpc("sinkguard_lookup", args=(o.request_id,))[0] for o in outputs]
+        status = llm.collective_rpc("sinkguard_status")[0]
     logprobs = [[step[token].logprob for step, token in zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]
                 for o in outputs]
     Path(out_path).write_text(json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outputs],
-                                          "logprobs": logprobs, "records": records}))
+                                          "logprobs": logprobs, "records": records, "status": status}))
 
 
 if __name__ == "__main__":

@@ -181,7 +181,7 @@ class VllmSinkRuntime:
         from sinkguard.engines.vllm import layer_op
 
         op = layer_op.register()
-        layer_op.set_handler(self._on_layer)
+        layer_op.set_handler(self._on_op)
         self.detector.zero_copy = False  # Inductor reuses intermediate buffers within a step
         compilation = self.runner.vllm_config.compilation_config
         cudagraphs = getattr(compilation, "cudagraph_mode", None)
@@ -316,11 +316,14 @@ class VllmSinkRuntime:
                                record.policy_spec, request_ids[i]) for i, record in chosen]
         return build_plan(pieces, self.forming_layers, self.primary_position, len(self.rules))
 
+    def _on_op(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
+        """The registered op's handler (compiled mode): counted, so a graph without the op is caught."""
+        self.layer_calls += 1
+        if self._active:
+            self._on_layer(index, mlp_out, residual)
+
     def _on_layer(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
         """One decoder layer's MLP output (edited in place as planned) and residual, ``[N, d]`` each."""
-        self.layer_calls += 1
-        if not self._active:
-            return
         try:
             start = time.perf_counter()
             if self.injector.injection is not None:

