@@ -173,48 +173,46 @@ def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
     runner_cls.load_model = load_model
 
 
+def _check_runner_observed(worker: Any) -> None:
+    runner = getattr(worker, "model_runner", None)
+    if getattr(runner, _RUNTIME_ATTR, None) is None:
+        raise ConfigError(
+            f"sinkguard: the worker's model runner {type(runner).__module__}.{type(runner).__name__} loaded the "
+            "model without sinkguard's detector (a runner class sinkguard does not wrap), so requests would be "
+            "served unobserved. Use vLLM's V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) or disable sinkguard (unset "
+            "SINKGUARD_CONFIG).")
+
+
+def _check_op_called(worker: Any) -> None:
+    runtime = _runtime_of(worker)
+    if runtime is not None and runtime.compiled and runtime.layer_calls == 0:
+        raise ConfigError(
+            "sinkguard: the compiled model ran its warm-up without calling sinkguard's layer op, so requests "
+            "would be served unobserved (a compiled graph from a cache that does not know the op?). Clear "
+            "vLLM's torch_compile_cache or set VLLM_DISABLE_COMPILE_CACHE=1, or run with --enforce-eager.")
+
+
+def _add_postcondition(cls: type, method: str, check: Any) -> None:
+    """Run ``check(self)`` after ``cls.<method>`` where ``cls`` defines it (idempotent)."""
+    original = cls.__dict__.get(method)
+    if original is None or getattr(original, "_sinkguard_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def checked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        check(self)
+        return result
+
+    checked._sinkguard_wrapped = True  # type: ignore[attr-defined]
+    setattr(cls, method, checked)
+
+
 def _wrap_worker(worker_cls: type) -> None:
     """Post-conditions on ``worker_cls.load_model`` (the runner it loaded carries the detector) and
     ``compile_or_warm_up_model`` (a compiled model calls sinkguard's op)."""
-    _wrap_warm_up(worker_cls)
-    original = worker_cls.__dict__.get("load_model")
-    if original is None or getattr(original, "_sinkguard_wrapped", False):
-        return
-
-    @functools.wraps(original)
-    def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        runner = getattr(self, "model_runner", None)
-        if getattr(runner, _RUNTIME_ATTR, None) is None:
-            raise ConfigError(
-                f"sinkguard: the worker's model runner {type(runner).__module__}.{type(runner).__name__} loaded the "
-                "model without sinkguard's detector (a runner class sinkguard does not wrap), so requests would be "
-                "served unobserved. Use vLLM's V1 runner (VLLM_USE_V2_MODEL_RUNNER=0) or disable sinkguard (unset "
-                "SINKGUARD_CONFIG).")
-        return result
-
-    load_model._sinkguard_wrapped = True  # type: ignore[attr-defined]
-    worker_cls.load_model = load_model
-
-
-def _wrap_warm_up(worker_cls: type) -> None:
-    original = worker_cls.__dict__.get("compile_or_warm_up_model")
-    if original is None or getattr(original, "_sinkguard_wrapped", False):
-        return
-
-    @functools.wraps(original)
-    def compile_or_warm_up_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        result = original(self, *args, **kwargs)
-        runtime = _runtime_of(self)
-        if runtime is not None and runtime.compiled and runtime.layer_calls == 0:
-            raise ConfigError(
-                "sinkguard: the compiled model ran its warm-up without calling sinkguard's layer op, so requests "
-                "would be served unobserved (a compiled graph from a cache that does not know the op?). Clear "
-                "vLLM's torch_compile_cache or set VLLM_DISABLE_COMPILE_CACHE=1, or run with --enforce-eager.")
-        return result
-
-    compile_or_warm_up_model._sinkguard_wrapped = True  # type: ignore[attr-defined]
-    worker_cls.compile_or_warm_up_model = compile_or_warm_up_model
+    _add_postcondition(worker_cls, "load_model", _check_runner_observed)
+    _add_postcondition(worker_cls, "compile_or_warm_up_model", _check_op_called)
 
 
 # (module, class, observed): the runner classes of vLLM 0.32 that load models. V1 runners are
