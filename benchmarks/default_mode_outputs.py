@@ -1,0 +1,59 @@
+"""Greedy outputs of sinkguard (observe-only) vs plain vLLM, both in vLLM's default mode, one batch.
+
+Both engines are offline vLLM engines (``sinkguard.engines.vllm.offline``) given the same 50 prompts
+of the built-in text in one ``generate`` call, so the batching is identical; torch.compile and
+prefix caching on. Per dtype: how many of the greedy continuations are identical, and where the
+others first differ.
+
+    python benchmarks/default_mode_outputs.py --dtype float32 bfloat16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+DEFAULT_MODE = {"enforce_eager": False, "enable_prefix_caching": True}
+
+
+def main() -> None:
+    from sinkguard.calibration import profile_for_model
+    from sinkguard.config import ServeConfig
+    from sinkguard.engines.hf.runner import HFSinkModel
+    from sinkguard.engines.vllm.offline import generate
+    from sinkguard.prompts import default_prompts
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_mode_outputs.json"))
+    args = parser.parse_args()
+    model = HFSinkModel.load(None)
+    profile, _ = profile_for_model(None)
+    folder = Path(tempfile.mkdtemp(prefix="sinkguard-default-outputs-"))
+    config = folder / "serve.json"
+    config.write_text(ServeConfig(profile=str(profile), metrics=False).model_dump_json())
+    bos = model.tokenizer.bos_token_id
+    prompts = [[bos, *p.token_ids] for p in default_prompts(lambda t: model.tokenize(t, add_bos=False), count=50,
+                                                           tokens=96)]
+    results = {}
+    for dtype in args.dtype:
+        engine = {**DEFAULT_MODE, "dtype": dtype}
+        plain = generate(model.source.path, prompts, folder / f"plain-{dtype}", args.max_tokens, engine_args=engine)
+        ours = generate(model.source.path, prompts, folder / f"sinkguard-{dtype}", args.max_tokens, config,
+                        engine_args=engine)
+        divergence = [next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
+                      for x, y in zip(plain["tokens"], ours["tokens"])]
+        results[dtype] = {"identical": sum(d is None for d in divergence), "of": len(prompts),
+                          "first_divergence": [d for d in divergence if d is not None],
+                          "compiled": ours["status"]["compiled"]}
+        print(f"{dtype}: {results[dtype]['identical']} of {len(prompts)} greedy continuations identical; "
+              f"first differing token at {sorted(results[dtype]['first_divergence'])}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
