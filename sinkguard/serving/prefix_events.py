@@ -94,8 +94,11 @@ class PrefixEventStore:
 
     def restore(self, request_id: str, token_ids: Sequence[int], blocks: Sequence[int]) -> Restored:
         """The events of the request's cached ``blocks`` (indices; the engine served them from its
-        prefix cache). ``Restored.missing``: those the store does not hold (yet)."""
-        pending = self._live[request_id]
+        prefix cache). ``Restored.missing``: those the store does not hold (yet), all of them for a
+        request the store no longer follows (forgotten after an unscanned step)."""
+        pending = self._live.get(request_id)
+        if pending is None:
+            return Restored([], [], list(blocks))
         self._hash(pending, token_ids, max(blocks, default=-1) + 1)
         events: list[SinkEvent] = []
         formations: list[tuple[int, int]] = []

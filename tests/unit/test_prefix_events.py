@@ -57,6 +57,7 @@ def test_a_forgotten_request_stores_nothing_more():
     store.forget("a")  # e.g. after a step the detector could not scan
     store.commit("a", [1, 2, 3, 4], 4)
     assert len(store) == 0 and not store.needs_commit("a", 4)
+    assert store.restore("a", [1, 2, 3, 4], [0, 1]).missing == [0, 1]  # never guessed
 
 
 def test_policies_with_interventions_get_their_own_salt():
