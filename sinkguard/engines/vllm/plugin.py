@@ -282,8 +282,10 @@ def register() -> None:
         return
     from vllm.v1.worker.worker_base import WorkerBase
 
+    from sinkguard.engines.vllm import cpu_seed
     from sinkguard.engines.vllm.cache_salt import wrap_input_processor
 
+    cpu_seed.install()  # vLLM CPU 0.32 kills the engine on a seeded request prefilled in chunks
     wrap_input_processor(serve_policies(config))  # policies never share prefix-cached KV
     for module, name, observed in RUNNER_CLASSES:
         if (runner_cls := _import_class(module, name)) is not None:
