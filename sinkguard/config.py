@@ -17,7 +17,16 @@ from sinkguard.errors import ConfigError
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan=False: no setting of sinkguard means anything at infinity, and one non-finite
+    # parameter reaching the model would write NaN/Inf into the residual stream and the KV cache
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+class WireModel(StrictModel):
+    """Settings a client sends (per-request options, policies): strict types as well, so ``"yes"``
+    is no bool and ``"10"`` no int. An int still passes for a float (YAML and JSON write 1 for 1.0)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, strict=True)
 
 
 class LifetimeRule(StrictModel):
@@ -282,6 +291,10 @@ class ServeConfig(StrictModel):
     """Detector faults after which the detector removes itself (fail-open mode)."""
     fault_injection: FaultInjection | None = None
     """Testing only: raise inside the detector on purpose (see ``sinkguard.serving.faults``)."""
+    when_detection_off: Literal["mark", "refuse"] = "mark"
+    """A request whose policy has interventions while the detector is off (switched off, or removed
+    after faults): ``mark`` serves it without them and says so (``x-sinkguard-applied: false``, its
+    record, the A/B log); ``refuse`` answers HTTP 503, so an experiment never silently runs A/A."""
     reverify_every_steps: int = Field(1024, ge=1)
     """Re-check zero-copy activation capture against a copy every this many small steps."""
     prefill_chunk_tokens: int = Field(2048, ge=16)

@@ -11,7 +11,9 @@ the workers (one typed model; unknown keys rejected, ranges checked), loaded fro
         interventions:
           - {kind: mlp_norm_clamp, relative_norm: 3.0}
 
-The policy ``none`` always exists and does nothing.
+The policy ``none`` always exists and does nothing. What one policy may cost is bounded by the
+file's ``budget`` (:class:`PolicyBudget`), checked for named policies at start-up and for inline
+ones per request.
 """
 
 from __future__ import annotations
@@ -21,9 +23,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pydantic
 from pydantic import Field, field_validator, model_validator
 
-from sinkguard.config import StrictModel, validate_config
+from sinkguard.config import StrictModel, WireModel, describe_validation_error, validate_config
 from sinkguard.core.interventions import INTERVENTIONS, InterventionSpec
 from sinkguard.errors import ConfigError
 
@@ -31,9 +34,9 @@ NO_POLICY = "none"
 INLINE_POLICY = "inline"  # the name a request's inline policy runs, is recorded and is counted under
 
 
-class Policy(StrictModel):
+class Policy(WireModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    interventions: list[InterventionSpec] = []
+    interventions: list[InterventionSpec] = Field([], max_length=256)
 
     @field_validator("interventions", mode="before")
     @classmethod
@@ -48,8 +51,35 @@ class Policy(StrictModel):
             kind = item.get("kind") if isinstance(item, dict) else None
             if kind not in INTERVENTIONS:
                 raise ValueError(f"unknown intervention kind {kind!r} (known: {', '.join(sorted(INTERVENTIONS))})")
-            parsed.append(INTERVENTIONS[kind].model_validate(item))
+            try:
+                parsed.append(INTERVENTIONS[kind].model_validate(item))
+            except pydantic.ValidationError as exc:  # name the intervention: a policy may list several
+                raise ValueError(f"intervention {len(parsed)} ({kind}): {describe_validation_error(exc)}") from None
         return parsed
+
+    @field_validator("interventions")
+    @classmethod
+    def _distinct(cls, interventions: list[InterventionSpec]) -> list[InterventionSpec]:
+        seen = set()
+        for number, spec in enumerate(interventions):
+            key = spec.model_dump_json()
+            if key in seen:
+                raise ValueError(f"intervention {number} ({spec.kind}) repeats an earlier one exactly; give it once")
+            seen.add(key)
+        return interventions
+
+
+class PolicyBudget(StrictModel):
+    """What one policy may cost per token (``budget`` in the policy file). Checked against the served
+    model when a named policy is loaded (start-up fails) and when a request sends an inline one
+    (HTTP 400); the message names the budget. Attention edits dominate: each edited (layer, query
+    head) recomputes that head's attention over the request's whole context from the KV cache."""
+
+    max_interventions: int = Field(8, ge=1, le=256)
+    """Interventions in one policy."""
+    attention_share: float = Field(1.0, gt=0.0, le=64.0)
+    """Attention a policy's edits recompute per token, as a share of the model's (layer, query head)
+    pairs summed over its attention interventions: 1.0 is one edit over every head of every layer."""
 
 
 class PolicySet(StrictModel):
@@ -59,6 +89,8 @@ class PolicySet(StrictModel):
     default: str = NO_POLICY
     allow_inline: bool = False
     """Accept a whole policy in a request (off: requests may only name a configured policy)."""
+    budget: PolicyBudget = PolicyBudget()
+    """What one policy (named or inline) may cost."""
 
     @model_validator(mode="after")
     def _consistent(self) -> PolicySet:
@@ -97,10 +129,37 @@ class ModelScope:
                    tuple(f.layer for f in profile.meta.forming_layers))
 
 
-def check_scope(policies: Iterable[Policy], scope: ModelScope) -> None:
-    """ConfigError naming any layer or head a policy names that the model does not have, and any
-    intervention that would never act because the profile found no secondary sinks forming."""
+def attention_share(policy: Policy, scope: ModelScope) -> float:
+    """The attention ``policy`` recomputes per token, as a share of the model's (layer, query head) pairs."""
+    pairs = 0
+    for spec in policy.interventions:
+        if spec.family == "attention":
+            heads = getattr(spec, "heads", None)
+            pairs += (len(spec.layers) if spec.layers is not None else scope.num_layers) * \
+                (len(heads) if heads is not None else scope.num_heads)
+    return pairs / (scope.num_layers * scope.num_heads)
+
+
+def check_budget(policy: Policy, scope: ModelScope, budget: PolicyBudget) -> None:
+    """ConfigError naming the budget ``policy`` exceeds on this model."""
+    if len(policy.interventions) > budget.max_interventions:
+        raise ConfigError(f"policy {policy.name!r}: {len(policy.interventions)} interventions exceed the budget "
+                          f"budget.max_interventions = {budget.max_interventions}")
+    share = attention_share(policy, scope)
+    if share > budget.attention_share:
+        raise ConfigError(f"policy {policy.name!r}: its attention edits recompute {share:.3g} x the model's "
+                          f"(layer, head) pairs per token, over the budget budget.attention_share = "
+                          f"{budget.attention_share:g} (name fewer layers or heads, or raise the budget in the "
+                          "policy file)")
+
+
+def check_scope(policies: Iterable[Policy], scope: ModelScope, budget: PolicyBudget | None = None) -> None:
+    """ConfigError naming any layer or head a policy names that the model does not have, any
+    intervention that would never act because the profile found no secondary sinks forming, and
+    (with ``budget``) a policy that costs more than the budget allows."""
     for policy in policies:
+        if budget is not None:
+            check_budget(policy, scope, budget)
         for spec in policy.interventions:
             layers = [x for x in spec.layers or () if x >= scope.num_layers]
             heads = [x for x in getattr(spec, "heads", None) or () if x >= scope.num_heads]

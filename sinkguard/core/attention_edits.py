@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sinkguard.core.interventions import AttentionRedistribution, FirstTokenScaling, formation_rows
+from sinkguard.core.interventions import AttentionRedistribution, FirstTokenScaling, formation_rows, keep_finite
 from sinkguard.core.redistribution import redistributed_attention
 
 
@@ -142,13 +142,14 @@ def redistribute_group(
     num_kv_heads: int,
     scale: float,
     window: int | None,
-) -> list[int]:
+) -> tuple[list[int], list[int]]:
     """Apply one intervention to several requests' queries at one layer in one batched computation.
 
     ``query`` / ``out`` [N, H, D]: the step's queries and attention output (flattened batch);
     ``edits[i]`` covers rows ``[start, end)``, ``targets[i]`` its sink key positions; only the KV heads
     the edited query heads read are fetched (``num_kv_heads``: the layer's). Overwrites the
-    edited heads of the queries that see a target key; returns, per edit, how many queries changed.
+    edited heads of the queries that see a target key; returns, per edit, how many queries changed
+    and how many were left unedited because their result was not finite.
     """
     device = query.device
     width = max(e.end - e.start for e in edits)
@@ -172,16 +173,22 @@ def redistribute_group(
         visible &= key_positions[None, None] > positions[..., None] - window
     changed = (visible & target_mask[:, None]).any(-1)  # [B, Q]: queries that see a target
     if not bool(changed.any()):
-        return [0] * len(edits)
+        return [0] * len(edits), [0] * len(edits)
     # heads lead as a batch dimension with one KV head each: [h', B, Q|K, 1, D]
     chosen = query[rows].index_select(2, heads).permute(2, 0, 1, 3).unsqueeze(-2)
     edited = redistributed_attention(chosen, keys.unsqueeze(-2), values.unsqueeze(-2), visible, target_mask,
                                      kept_fraction(spec), scale)[..., 0, :].permute(1, 2, 0, 3)  # [B, Q, h', D]
     flat_rows = rows[changed]
-    block = out.index_select(0, flat_rows)
+    original = out.index_select(0, flat_rows)
+    block = original.clone()
     block[:, heads] = edited[changed].to(out.dtype)
+    block, bad = keep_finite(block, original)
     out.index_copy_(0, flat_rows, block)
-    return changed.sum(1).tolist()
+    if not bool(bad.any()):
+        return changed.sum(1).tolist(), [0] * len(edits)
+    skipped = torch.zeros_like(changed)
+    skipped[changed] = bad
+    return (changed & ~skipped).sum(1).tolist(), skipped.sum(1).tolist()
 
 
 def redistribute_probabilities(probs: torch.Tensor, targets: torch.Tensor, kept: float) -> torch.Tensor:

@@ -23,21 +23,35 @@ from __future__ import annotations
 from typing import Annotated, ClassVar, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import AfterValidator, Field, model_validator
 
-from sinkguard.config import StrictModel
+from sinkguard.config import WireModel
 
 Phase = Literal["prefill", "decode"]
+MAX_INDEX = 1 << 16  # no model has this many layers or heads; bounds what a request can name
+MAX_TARGET_NORM = 1e4  # absolute MLP output norm; larger would overflow float16 and the next RMSNorm's squares
+MAX_RELATIVE_NORM = 100.0  # x the median token's MLP output norm (a strong sink is ~25x)
 
 
-class InterventionSpec(StrictModel):
-    """What every intervention has: where it applies."""
+def _unique(values: list | None) -> list | None:
+    if values is not None and len(set(values)) != len(values):
+        raise ValueError(f"duplicates in {values} (each may appear once)")
+    return values
+
+
+Indices = Annotated[list[Annotated[int, Field(ge=0, lt=MAX_INDEX)]], Field(min_length=1, max_length=4096),
+                    AfterValidator(_unique)]
+
+
+class InterventionSpec(WireModel):
+    """What every intervention has: where it applies. Parameters arrive from clients (inline
+    policies) too: strictly typed, finite and bounded, lists without duplicates."""
 
     kind: str
-    layers: list[Annotated[int, Field(ge=0)]] | None = None
+    layers: Indices | None = None
     """Layers it acts in (default: MLP edits at the profile's forming layers; attention edits need
     an explicit or calibrated list)."""
-    phases: list[Phase] = ["prefill", "decode"]
+    phases: Annotated[list[Phase], Field(min_length=1), AfterValidator(_unique)] = ["prefill", "decode"]
     """Engine-step phases of the tokens it edits."""
 
     family: ClassVar[Literal["mlp", "attention"]]
@@ -60,9 +74,9 @@ class MlpProjectionRemoval(InterventionSpec):
 
 class MlpNormClamp(InterventionSpec):
     kind: Literal["mlp_norm_clamp"] = "mlp_norm_clamp"
-    target_norm: float | None = Field(None, ge=0.0)
+    target_norm: float | None = Field(None, ge=0.0, le=MAX_TARGET_NORM)
     """Absolute norm the flagged token's MLP output is rescaled to."""
-    relative_norm: float | None = Field(None, ge=0.0)
+    relative_norm: float | None = Field(None, ge=0.0, le=MAX_RELATIVE_NORM)
     """Or: this many times the median token's MLP output norm at that layer (profile)."""
     family: ClassVar[Literal["mlp", "attention"]] = "mlp"
 
@@ -82,7 +96,7 @@ class AttentionRedistribution(InterventionSpec):
     kind: Literal["attention_redistribution"] = "attention_redistribution"
     beta: float = Field(0.0, ge=0.0, le=1.0)
     """Attention kept on each secondary-sink key (the rest goes to the other keys in proportion)."""
-    heads: list[Annotated[int, Field(ge=0)]] | None = None
+    heads: Indices | None = None
     """Query heads it acts on (None: all heads of the chosen layers)."""
     family: ClassVar[Literal["mlp", "attention"]] = "attention"
 
@@ -91,7 +105,7 @@ class FirstTokenScaling(InterventionSpec):
     kind: Literal["first_token_scaling"] = "first_token_scaling"
     gamma: float = Field(0.5, ge=0.0, le=1.0)
     """Attention kept on the primary sink (position 0)."""
-    heads: list[Annotated[int, Field(ge=0)]] | None = None
+    heads: Indices | None = None
     family: ClassVar[Literal["mlp", "attention"]] = "attention"
 
 
@@ -117,3 +131,12 @@ def formation_rows(mlp_rows: torch.Tensor, direction: torch.Tensor, median_norm:
     unit = direction.float() / direction.float().norm().clamp_min(1e-12)
     cos = (rows @ unit) / norms.clamp_min(1e-12)
     return (norms >= min_ratio * median_norm) & (cos.abs() >= cos_threshold)
+
+
+def keep_finite(edited: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``edited`` rows (dim 0) with every row holding a NaN or an infinity replaced by ``original``'s,
+    and the bool mask of those rows. Whatever a policy computes, nothing non-finite reaches the
+    residual stream or the KV cache: there it would outlive the request (freed KV blocks are reused
+    by other requests) and poison other tenants' outputs."""
+    bad = ~torch.isfinite(edited).flatten(1).all(dim=1)
+    return torch.where(bad.view(-1, *([1] * (edited.dim() - 1))), original, edited), bad

@@ -120,7 +120,9 @@ class StepDetector:
             self._slots = self._buffer_slots(num_tokens, torch.device(device))
 
     def abandon(self) -> None:
-        """Drop the current step's captures (after a fault): the next :meth:`start` begins clean."""
+        """Drop the current step's captures (after a fault): the step counts as unscanned, and the
+        next :meth:`start` begins clean."""
+        self.unscanned_steps += 1
         self._captured = [None] * (2 * self.num_layers)
         self._layers = [None] * self.num_layers
         self._observed = 0

@@ -28,7 +28,13 @@ from sinkguard.core.attention_edits import (
     redistribute_group,
     watch_formations,
 )
-from sinkguard.core.interventions import AttentionRedistribution, InterventionSpec, MlpProjectionRemoval, formation_rows
+from sinkguard.core.interventions import (
+    AttentionRedistribution,
+    InterventionSpec,
+    MlpProjectionRemoval,
+    formation_rows,
+    keep_finite,
+)
 from sinkguard.policy import Policy
 
 
@@ -161,6 +167,9 @@ class AppliedEdit:
     """MLP edits: the edited tokens; attention edits: the sink keys whose attention was scaled."""
     edited_rows: int = 0
     """Attention edits: the queries whose output changed (0 for MLP edits: one per position)."""
+    nonfinite: np.ndarray | None = None
+    """Request index of each token whose edit was skipped because its result was not finite (the
+    token keeps its unedited value); None: none."""
 
     @property
     def count(self) -> int:
@@ -196,10 +205,13 @@ def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primar
     applied = []
     for members in groups.values():
         group = [edit for edit, _ in members]
-        changed = redistribute_group(group[0].intervention, group, [t for _, t in members], query, out, read,
-                                     num_kv_heads, scale, window)
-        applied += [AppliedEdit(layer, edit.intervention, edit.policy, np.full(targets.shape, edit.request), targets,
-                                count) for (edit, targets), count in zip(members, changed) if count]
+        changed, skipped = redistribute_group(group[0].intervention, group, [t for _, t in members], query, out,
+                                              read, num_kv_heads, scale, window)
+        for (edit, targets), count, bad in zip(members, changed, skipped):
+            if count or bad:
+                keys = targets if count else targets[:0]  # every query skipped: no key's attention was scaled
+                applied.append(AppliedEdit(layer, edit.intervention, edit.policy, np.full(keys.shape, edit.request),
+                                           keys, count, np.full(bad, edit.request) if bad else None))
     return applied
 
 
@@ -222,9 +234,14 @@ def apply_mlp_edits(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: For
             requests, positions = edit.requests[picked], edit.positions[picked]
         else:
             requests, positions = edit.requests, edit.positions
-        mlp_out.index_copy_(0, rows, edit.intervention.apply(chosen, rule.direction, rule.median_norm)
-                            .to(mlp_out.dtype))
-        applied.append(AppliedEdit(layer, edit.intervention, edit.policy, requests, positions))
+        edited = edit.intervention.apply(chosen, rule.direction, rule.median_norm).to(mlp_out.dtype)
+        edited, bad = keep_finite(edited, mlp_out.index_select(0, rows))
+        mlp_out.index_copy_(0, rows, edited)
+        nonfinite = None
+        if bool(bad.any()):
+            skipped = bad.cpu().numpy()
+            nonfinite, requests, positions = requests[skipped], requests[~skipped], positions[~skipped]
+        applied.append(AppliedEdit(layer, edit.intervention, edit.policy, requests, positions, nonfinite=nonfinite))
     return applied
 
 

@@ -275,8 +275,11 @@ def ab_report_html(report: dict[str, Any], rows: Sequence[dict[str, Any]] | None
     colors = _colors(order)
     page.table(["setting", "value"], [["log", source or "-"], ["requests", report["requests"]],
                                       ["control arm", control], ["alpha (Holm)", report["alpha"]],
-                                      *[[f"arm {a}", f"{arms[a]['requests']} requests ({_assignment(arms[a])})"]
+                                      *[[f"arm {a}", f"{arms[a]['requests']} requests ({_assignment(arms[a])}); "
+                                         f"{arms[a].get('compared', arms[a]['requests'])} compared"]
                                         for a in order]])
+    page.note("Compared: answered requests that ran their arm's policy. Failed and abandoned requests, and those "
+              "served without their arm's interventions (the detector was off), are counted, not compared.")
     page.heading("Metrics per arm")
     page.note("Arms see different requests: two-sample differences of means (arm - control) with 95% bootstrap "
               "intervals, permutation p-values, Holm across arms and metrics, and the always-valid mSPRT p-value, "

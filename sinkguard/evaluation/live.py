@@ -62,9 +62,16 @@ def ab_report(rows: Sequence[dict[str, Any]], control: str | None = None, alpha:
         return {"arms": {}, "comparisons": {}, "requests": 0}
     control = control if control in arms else ("none" if "none" in arms else arms[0])
     every = {arm: [r for r in rows if r["arm"] == arm] for arm in arms}
-    # metrics compare answered requests; failed ones (an HTTP error) are counted per arm instead
-    by_arm = {arm: [r for r in found if r.get("status", 200) == 200] for arm, found in every.items()}
-    summary = {arm: {"requests": len(every[arm]), "errors": len(every[arm]) - len(found),
+    # metrics compare answered requests that ran their arm's policy; failed ones (an HTTP error), ones
+    # the client abandoned, and ones served without their arm's interventions (detector off: the arm
+    # would silently become the control) are counted per arm instead
+    by_arm = {arm: [r for r in found if r.get("status", 200) == 200 and not r.get("abandoned")
+                    and r.get("applied") is not False] for arm, found in every.items()}
+    summary = {arm: {"requests": len(every[arm]),
+                     "errors": sum(r.get("status", 200) != 200 for r in every[arm]),
+                     "abandoned": sum(bool(r.get("abandoned")) for r in every[arm]),
+                     "not_applied": sum(r.get("applied") is False for r in every[arm]),
+                     "compared": len(found),
                      "assignment": {how: sum(r.get("assignment") == how for r in every[arm])
                                     for how in ("sticky", "random", "explicit")},
                      **{metric: (float(_values(found, metric).mean()) if _values(found, metric).size else None)

@@ -73,8 +73,10 @@ def print_ab_report(report: dict[str, Any], console: Console | None = None) -> N
     for column in ("arm", "metric", "arm mean", "difference [95% CI]", "p (Holm)", "always-valid p", "significant"):
         table.add_column(column)
     for arm, summary in report["arms"].items():
-        errors = f" ({summary['errors']} failed)" if summary.get("errors") else ""
-        table.add_row(arm, "requests", f"{summary['requests']}{errors}", "", "", "", "")
+        excluded = [f"{summary[key]} {label}" for key, label in (("errors", "failed"), ("abandoned", "abandoned"),
+                    ("not_applied", "served without the arm's policy")) if summary.get(key)]
+        note = f" ({', '.join(excluded)}: not compared)" if excluded else ""
+        table.add_row(arm, "requests", f"{summary['requests']}{note}", "", "", "", "")
         for metric, result in report["comparisons"].get(arm, {}).items():
             diff = "-" if result["difference"] is None else \
                 f"{result['difference']:+.4g} [{result['low']:+.4g}, {result['high']:+.4g}]"

@@ -9,18 +9,19 @@ from typing import Any
 import pydantic
 from pydantic import Field, model_validator
 
-from sinkguard.config import StrictModel, describe_validation_error
+from sinkguard.config import WireModel, describe_validation_error
 from sinkguard.errors import ConfigError
 
 REQUEST_OPTION_PREFIX = "sinkguard_"
 
 
-class RequestOptions(StrictModel):
+class RequestOptions(WireModel):
     """Per-request sinkguard settings, sent as ``vllm_xargs`` (``SamplingParams.extra_args``).
 
     Keys carry the ``sinkguard_`` prefix on the wire (``{"vllm_xargs": {"sinkguard_detect":
     false}}``) because vLLM's ``vllm_xargs`` is a flat map of scalars. The API server validates
     them (HTTP 400 on error) and the worker parses them with the same :meth:`from_extra_args`.
+    Types are strict: ``"yes"`` is no bool and ``"10"`` no int.
     """
 
     detect: bool = True
@@ -56,11 +57,18 @@ class RequestOptions(StrictModel):
             if not isinstance(data, dict):
                 raise ValueError("expected a JSON object with an 'interventions' list")
             policy = Policy.model_validate({**data, "name": INLINE_POLICY})
+            if not policy.interventions:
+                raise ValueError("interventions: an inline policy needs at least one intervention")
+        except RecursionError:
+            raise ConfigError("vllm_xargs.sinkguard_inline_policy: JSON nested too deeply") from None
         except (ValueError, pydantic.ValidationError) as exc:
             detail = describe_validation_error(exc) if isinstance(exc, pydantic.ValidationError) else str(exc)
             raise ConfigError(f"vllm_xargs.sinkguard_inline_policy: {detail}") from None
         if scope is not None:  # None: no model to check against (an API server without sinkguard's config)
-            check_scope([policy], scope)
+            try:
+                check_scope([policy], scope, policies.budget)
+            except ConfigError as exc:
+                raise ConfigError(f"vllm_xargs.sinkguard_inline_policy: {exc}") from None
         return policy
 
     @classmethod

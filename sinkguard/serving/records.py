@@ -66,6 +66,8 @@ class RequestRecord:
     policy_spec: Any = field(default=None, repr=False)  # the resolved Policy (None: no interventions)
     interventions: list[dict[str, Any]] = field(default_factory=list)  # edits that fired (bounded like events)
     interventions_applied: Counter = field(default_factory=Counter)  # by intervention kind
+    nonfinite_edits: int = 0  # token edits skipped because their result was not finite (the token kept its value)
+    unapplied: str | None = None  # why the policy did not run on all of the request's tokens (None: it did)
     _listed: set = field(default_factory=set, repr=False)  # (kind, layer, position) already in interventions
     kinds: Counter = field(default_factory=Counter)
     finished: bool = False
@@ -106,6 +108,12 @@ class RequestRecord:
             self._listed.add(entry)
             self.interventions.append({"intervention": kind, "layer": layer, "position": position})
 
+    def policy_interrupted(self, reason: str) -> None:
+        """Some of this request's tokens ran without its policy (detector off, a faulted step, an edit
+        skipped): say so, the first reason kept. Nothing to say for a request without interventions."""
+        if self.policy_spec is not None and self.unapplied is None:
+            self.unapplied = reason
+
     @property
     def approx_bytes(self) -> int:
         return RECORD_OVERHEAD_BYTES + EVENT_BYTES * (len(self.events) + len(self.interventions))
@@ -130,6 +138,9 @@ class RequestRecord:
             "events_offset": offset,
             "events": [dict(e) for e in self.events[offset:end]],
             "policy": self.policy,
+            "applied": self.unapplied is None,
+            "unapplied_reason": self.unapplied,
+            "nonfinite_edits": self.nonfinite_edits,
             "interventions_applied": dict(self.interventions_applied),
             "interventions": [dict(e) for e in self.interventions[offset:offset + (limit or len(self.interventions))]],
         }
@@ -143,10 +154,13 @@ def summarize(records: list[RequestRecord]) -> dict[str, Any]:
         kinds.update(record.kinds)
         applied.update(record.interventions_applied)
     return {"policy": records[0].policy if records else None,
+            "prompt_tokens": records[0].prompt_tokens if records else None,
             "tokens_scanned": sum(r.prefill_tokens_scanned + r.decode_tokens_scanned for r in records),
             "unscanned_steps": sum(r.unscanned_steps for r in records),
             "sink_counts": {k: kinds.get(k, 0) for k in ("primary", "secondary", "noise")},
-            "interventions": sum(applied.values()), "interventions_applied": dict(applied)}
+            "interventions": sum(applied.values()), "interventions_applied": dict(applied),
+            "applied": all(r.unapplied is None for r in records),
+            "unapplied_reason": next((r.unapplied for r in records if r.unapplied is not None), None)}
 
 
 class RequestTracker:

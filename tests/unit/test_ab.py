@@ -175,3 +175,58 @@ def test_a_response_the_observer_cannot_read_passes_through_untouched():
     whole.status = 200
     body = json.dumps(odd).encode()
     assert whole.body(body[:9], more=True) == b"" and whole.body(body[9:], more=False) == body and whole.failed
+
+
+def test_the_log_has_only_requests_that_reached_the_engine_and_says_what_ran(tmp_path):
+    """4xx answers (vLLM refused the request before its engine) are not logged; a response the client
+    left is marked abandoned; an acting arm's row says whether its policy ran, from the record."""
+    import asyncio
+
+    from sinkguard.engines.vllm.ab_traffic import ABTraffic
+
+    records = {"cmpl-ran": {"policy": "act", "prompt_tokens": 7, "applied": True, "unapplied_reason": None,
+                            "sink_counts": {"secondary": 2}, "interventions": 3, "tokens_scanned": 9,
+                            "interventions_applied": {}},
+               "cmpl-off": {"policy": "act", "prompt_tokens": 5, "applied": False, "sink_counts": {"secondary": 0},
+                            "unapplied_reason": "detection switched off by the operator", "interventions": 0,
+                            "tokens_scanned": 5, "interventions_applied": {}}}
+
+    async def rpc(method, args):
+        return [{i: records[i] for i in args[0] if i in records}]
+
+    async def run() -> None:
+        traffic = ABTraffic(ABConfig(arms={"none": 1, "act": 1}, log=str(tmp_path / "ab.jsonl")), ["none", "act"],
+                            "m", rpc, metrics=False, acting_arms=frozenset({"act"}), detector_off=lambda: None)
+        scope = {"path": "/v1/completions", "headers": []}
+
+        async def respond(status: int, body: bytes | None, arm: str = "act") -> None:
+            trial = traffic.begin(scope, {"model": "m", "prompt": "hi", "stream": True,
+                                          "vllm_xargs": {"sinkguard_policy": arm}}, None)
+
+            async def send(message):
+                pass
+
+            send = traffic.observing(send, trial)
+            await send({"type": "http.response.start", "status": status, "headers": []})
+            if body is not None:
+                await send({"type": "http.response.body", "body": body, "more_body": True})
+                if b"left" not in body:
+                    await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+            traffic.finish(trial)
+
+        await respond(404, b'{"error": "The model `m2` does not exist."}')
+        await respond(400, b'{"error": "invalid user"}')
+        await respond(200, b'data: {"id": "cmpl-ran", "choices": [{"text": "a"}]}\n\n')
+        await respond(200, b'data: {"id": "cmpl-off", "choices": [{"text": "a"}]}\n\n')
+        await respond(200, b'data: {"id": "cmpl-left", "choices": [{"text": "a"}]}\n\n')  # no end: client left
+        await respond(200, b'data: {"id": "cmpl-plain", "choices": [{"text": "a"}]}\n\n', arm="none")
+        while traffic._flusher is not None:
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    rows = {r["response_id"]: r for r in read_log(tmp_path / "ab.jsonl")}
+    assert set(rows) == {"cmpl-ran", "cmpl-off", "cmpl-left", "cmpl-plain"}  # the 4xx answers are not there
+    assert rows["cmpl-ran"]["applied"] is True and rows["cmpl-ran"]["prompt_tokens"] == 7  # streamed: from the record
+    assert rows["cmpl-off"]["applied"] is False and "switched off" in rows["cmpl-off"]["unapplied_reason"]
+    assert rows["cmpl-left"]["abandoned"] is True and rows["cmpl-left"]["applied"] is None  # no record: unknown
+    assert rows["cmpl-plain"]["applied"] is True and not rows["cmpl-plain"].get("abandoned")

@@ -73,4 +73,4 @@ def test_batched_requests_get_exactly_what_each_would_alone():
         assert torch.equal(out[i, [1, 2]], plain[i, [1, 2]])  # heads not edited keep the kernel's output
     assert torch.equal(out[2], plain[2])
     assert redistribute_group(plan.attention[5][2].intervention, [plan.attention[5][2]], [np.array([], dtype=np.int64)],
-                              query, out, read, kv_heads, 0.3, None) == [0]
+                              query, out, read, kv_heads, 0.3, None) == ([0], [0])

@@ -11,13 +11,19 @@ import pytest
 from sinkguard.engines.vllm.routes import RequestOptionsMiddleware
 
 
-def call(path: str, body: dict | bytes, root_path: str = "", content_type: bytes = b"application/json"):
+def call(path: str, body: dict | bytes, root_path: str = "", content_type: bytes = b"application/json",
+         endpoints=None, headers: bool = False):
+    """(status, bodies vLLM saw, response body[, response headers]); the app behind answers 200 only
+    with ``endpoints`` (status None: it answered nothing)."""
     seen: list[bytes] = []
     sent: list[dict] = []
 
     async def app(scope, receive, send):
         message = await receive()
         seen.append(message["body"])
+        if endpoints is not None:
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b"{}"})
 
     async def receive():
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
@@ -28,9 +34,12 @@ def call(path: str, body: dict | bytes, root_path: str = "", content_type: bytes
 
     scope = {"type": "http", "method": "POST", "path": path, "root_path": root_path,
              "headers": [(b"content-type", content_type)]}
-    asyncio.run(RequestOptionsMiddleware(app)(scope, receive, send))
-    status = next((m["status"] for m in sent if m["type"] == "http.response.start"), None)
-    return status, seen, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    asyncio.run(RequestOptionsMiddleware(app, endpoints)(scope, receive, send))
+    start = next((m for m in sent if m["type"] == "http.response.start"), {})
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    if headers:
+        return start.get("status"), seen, body, dict(start.get("headers", ()))
+    return start.get("status"), seen, body
 
 
 def test_bad_option_is_rejected_on_any_path_and_root_path():
@@ -110,3 +119,43 @@ def test_the_models_list_names_every_arm(served_policies):
     body = sent[1]["body"]
     assert [m["id"] for m in json.loads(body)["data"]] == ["smol", "smol:none", "smol:act", "smol:remove"]
     assert dict(sent[0]["headers"])[b"content-length"] == str(len(body)).encode()
+
+
+def test_malformed_requests_get_a_400_not_a_traceback():
+    for payload, named in (({"model": "m", "vllm_xargs": ["sinkguard_detect", False]}, b"vllm_xargs must be"),
+                           ({"model": "m", "vllm_xargs": "sinkguard_detect=false"}, b"vllm_xargs must be"),
+                           ({"model": "m", "vllm_xargs": {"sinkguard_detect": "yes"}}, b"sinkguard_detect"),
+                           (b'{"model": "m", "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", b"nested deeper"),
+                           (b'{"vllm_xargs": {"a": ' + b'{"b":' * 100 + b"1" + b"}" * 101 + b"}", b"nested deeper")):
+        status, seen, body = call("/v1/completions", payload)
+        assert status == 400 and not seen and named in body, payload
+
+
+def test_an_unknown_arm_of_a_served_model_is_a_400_listing_the_arms(served_policies):
+    from sinkguard.engines.vllm.routes import SinkguardEndpoints
+
+    endpoints = SinkguardEndpoints()
+    endpoints.served_models = ("smol", "other:7b")
+    status, seen, body = call("/v1/completions", {"model": "smol:nope"}, endpoints=endpoints)
+    assert status == 400 and not seen and b"smol:none, smol:act, smol:remove" in body
+    for passing in ("other:7b", "elsewhere:nope"):  # a served name with a colon; another server's model
+        status, seen, _ = call("/v1/completions", {"model": passing}, endpoints=endpoints)
+        assert status == 200 and json.loads(seen[0]) == {"model": passing}
+
+
+def test_requests_whose_policy_cannot_run_are_marked_or_refused(served_policies):
+    from sinkguard.engines.vllm.routes import SinkguardEndpoints
+
+    endpoints = SinkguardEndpoints()
+    endpoints.detector.off_reason = "detection switched off by the operator"
+    status, seen, _, headers = call("/v1/completions", {"model": "smol:act"}, endpoints=endpoints, headers=True)
+    assert status == 200 and seen and headers[b"x-sinkguard-applied"] == b"false"
+    assert headers[b"x-sinkguard-unapplied-reason"] == b"detection switched off by the operator"
+    status, seen, _, headers = call("/v1/completions", {"model": "smol:none"}, endpoints=endpoints, headers=True)
+    assert status == 200 and b"x-sinkguard-applied" not in headers  # nothing to run
+    endpoints.when_detection_off = "refuse"
+    status, seen, body = call("/v1/completions", {"model": "smol", "vllm_xargs": {"sinkguard_policy": "remove"}},
+                              endpoints=endpoints)
+    assert status == 503 and not seen and b"cannot run now" in body
+    endpoints.detector.off_reason = None
+    assert call("/v1/completions", {"model": "smol:act"}, endpoints=endpoints)[0] == 200

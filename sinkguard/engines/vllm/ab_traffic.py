@@ -12,7 +12,6 @@ counted in the per-arm ``sinkguard:ab_*`` metrics.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import random
 import time
@@ -46,9 +45,12 @@ class Trial:
 
 class ABTraffic:
     def __init__(self, config: ABConfig, policies: list[str], model_name: str, rpc: Rpc | None,
-                 metrics: bool) -> None:
+                 metrics: bool, acting_arms: frozenset[str] = frozenset(),
+                 detector_off: Callable[[], str | None] | None = None) -> None:
         self.config = config
         self.policies = policies
+        self.acting_arms = acting_arms  # arms whose policy has interventions (``inline`` always)
+        self.detector_off = detector_off  # why the workers' detector is off, as the API server last saw it
         self.model_name = model_name
         self.rpc = rpc
         self.rng = random.Random(config.seed)
@@ -61,15 +63,9 @@ class ABTraffic:
         self._queue: list[dict[str, Any]] = []
         self._flusher: asyncio.Task | None = None
 
-    def begin(self, scope: dict, body: bytes, named_arm: str | None) -> tuple[bytes, Trial] | None:
-        """The request's body under its arm, and its trial (None: not a JSON object; vLLM answers it).
+    def begin(self, scope: dict, payload: dict[str, Any], named_arm: str | None) -> Trial:
+        """The request's trial; ``payload`` (the parsed body) is rewritten in place to run under its arm.
         ConfigError (HTTP 400) for an override naming no policy or contradicting the request."""
-        try:
-            payload = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            return None
-        if not isinstance(payload, dict):
-            return None
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
         decision = decide_arm(self.config, payload, headers, named_arm, self.policies, self.rng)
         chat = scope["path"].endswith("/chat/completions")
@@ -81,7 +77,7 @@ class ABTraffic:
                                "stream": observer.stream}
         if self.config.log_prompts:
             row["prompt"] = payload.get("messages") if chat else payload.get("prompt")
-        return json.dumps(payload).encode(), Trial(decision, observer, row)
+        return Trial(decision, observer, row)
 
     @staticmethod
     def observing(send: Any, trial: Trial) -> Any:
@@ -119,13 +115,20 @@ class ABTraffic:
         return observed
 
     def finish(self, trial: Trial) -> None:
-        """The response is done (or the client left): queue its record (completed and written soon)."""
+        """The response is done (or the client left): queue its record (completed and written soon).
+        A request vLLM refused before its engine ran it (HTTP 4xx: unknown model, invalid field) is no
+        part of the experiment: neither logged nor counted."""
+        observer = trial.observer
+        if 400 <= observer.status < 500:
+            return
         try:
-            trial.row.update(trial.observer.summary())
+            trial.row.update(observer.summary())
         except Exception:  # still logged, without what could not be read
             logger.exception("sinkguard: A/B response summary failed")
-        if trial.observer.failed:
+        if observer.failed:
             trial.row["observer_failed"] = True
+        if observer.status == 0 or (observer.status == 200 and observer.finished_at is None):
+            trial.row["abandoned"] = True  # the client left (or the server stopped) before the response ended
         self._queue.append(trial.row)
         if self._flusher is None:
             self._flusher = asyncio.get_running_loop().create_task(self._flush())
@@ -157,7 +160,10 @@ class ABTraffic:
             return {}
 
     def _write(self, row: dict[str, Any], counts: dict[str, Any] | None) -> None:
-        row["policy"] = counts["policy"] if counts else row["arm"]
+        row["policy"] = counts["policy"] if counts else None  # None: the workers kept no record of it
+        if row.get("prompt_tokens") is None and counts:  # a stream reports usage only when asked to
+            row["prompt_tokens"] = counts.get("prompt_tokens")
+        self._applied(row, counts)
         row["secondary_sinks"] = counts["sink_counts"]["secondary"] if counts else None
         row["interventions"] = counts["interventions"] if counts else None
         row["tokens_scanned"] = counts["tokens_scanned"] if counts else None
@@ -171,10 +177,24 @@ class ABTraffic:
         if self.metrics is not None:
             self._count(row)
 
+    def _applied(self, row: dict[str, Any], counts: dict[str, Any] | None) -> None:
+        """Whether the arm's interventions ran on every token of the request (False: it was served
+        like ``none`` in part or whole, e.g. with the detector off; None: unknown, no record)."""
+        if row["arm"] not in self.acting_arms:
+            row["applied"] = True  # nothing to run
+        elif counts is not None:
+            row["applied"] = bool(counts.get("applied", True))
+            if not row["applied"]:
+                row["unapplied_reason"] = counts.get("unapplied_reason")
+        elif self.detector_off is not None and self.detector_off() is not None:
+            row["applied"], row["unapplied_reason"] = False, self.detector_off()
+        else:
+            row["applied"] = None
+
     def _count(self, row: dict[str, Any]) -> None:
         m, labels = self.metrics, (self.model_name, row["arm"])
         m.requests.labels(*labels, row["assignment"]).inc()
-        if row.get("status") != 200:
+        if row.get("status") != 200 or row.get("abandoned"):  # no whole answer to measure
             return
         m.latency.labels(*labels).observe(row["latency_s"])
         if row.get("ttft_s") is not None:

@@ -26,17 +26,23 @@ def split_arm(model: Any, arms: Collection[str]) -> tuple[Any, str | None]:
     return (base, arm) if base and arm in arms else (model, None)
 
 
-def route_arm(payload: dict[str, Any], arms: Collection[str]) -> str | None:
+def route_arm(payload: dict[str, Any], arms: Collection[str], served: Collection[str] = ()) -> str | None:
     """Rewrite ``payload`` in place for the arm its model name selects; returns the arm (None: none
-    named). ConfigError if ``vllm_xargs`` selects another policy."""
-    base, arm = split_arm(payload.get("model"), arms)
+    named). ConfigError if ``vllm_xargs`` selects another policy, or if the name is a ``served``
+    model's with an arm the server does not have (vLLM's own 404 would list the base model only)."""
+    model = payload.get("model")
+    base, arm = split_arm(model, arms)
     if arm is None:
+        base, _, unknown = model.rpartition(ARM_SEPARATOR) if isinstance(model, str) else ("", "", "")
+        if base in served and model not in served:
+            raise ConfigError(f"model {model!r}: {unknown!r} is not an arm of {base!r} (arms: "
+                              f"{', '.join(base + ARM_SEPARATOR + a for a in arms)})")
         return None
     xargs = payload.get("vllm_xargs")
     if xargs is None:
         xargs = payload["vllm_xargs"] = {}
     if not isinstance(xargs, dict):
-        return None  # vLLM rejects a malformed vllm_xargs itself
+        raise ConfigError("vllm_xargs must be a JSON object")
     chosen = xargs.get("sinkguard_policy")
     if chosen is not None and chosen != arm:
         raise ConfigError(f"model {payload['model']!r} selects arm {arm!r} but vllm_xargs.sinkguard_policy selects "

@@ -126,7 +126,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     profile.check_model(info)
     policies = serve_policies(config)
     try:
-        check_scope(policies.policies, ModelScope.from_profile(profile))
+        check_scope(policies.policies, ModelScope.from_profile(profile), policies.budget)
     except ConfigError as exc:
         raise ConfigError(f"policies ({config.policies}): {exc}") from None
     runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=policies)

@@ -28,24 +28,30 @@ accept either.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import os
 import secrets
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from sinkguard.engines.vllm.ab_traffic import ABTraffic, is_generation
-from sinkguard.engines.vllm.arms import ARM_HEADER, ARM_SEPARATOR, route_arm, with_arm_models
+from sinkguard.engines.vllm.arms import ARM_HEADER, route_arm, with_arm_models
 from sinkguard.errors import ConfigError
-from sinkguard.policy import NO_POLICY
+from sinkguard.policy import INLINE_POLICY, NO_POLICY
 from sinkguard.serving.options import RequestOptions
+from sinkguard.serving.request_body import parse_json_body
 
 logger = logging.getLogger("sinkguard")
 ADMIN_TOKEN_ENV = "SINKGUARD_ADMIN_TOKEN"
+APPLIED_HEADER = "x-sinkguard-applied"  # "false" when the request's policy will not run (the detector is off)
+UNAPPLIED_HEADER = "x-sinkguard-unapplied-reason"
 DEFAULT_PAGE_EVENTS = 256
 MAX_PAGE_EVENTS = 1024
 MAX_VALIDATED_BODY = 64 << 20  # JSON bodies larger than this are left to vLLM's own limits
@@ -96,11 +102,66 @@ def _is_json(scope: dict) -> bool:
     return False
 
 
+class Unavailable(Exception):
+    """A request the server cannot honour now (HTTP 503)."""
+
+
+@dataclass
+class Admission:
+    """What the middleware decided for one request."""
+
+    body: bytes  # what vLLM receives (rewritten when an arm was routed or assigned)
+    arm: str | None = None  # the arm a model name selected (tagged on the response)
+    trial: Any = None  # its trial in the live A/B experiment
+    unapplied: str | None = None  # why its policy's interventions will not run (the detector is off)
+
+
+class DetectorState:
+    """The API server's view of the workers' detector: policies act only while it is installed.
+
+    Read from the workers' status at most every :data:`REFRESH_S` (in the background, so a request
+    never waits for it, except with ``when_detection_off: refuse``, where a stale view is refreshed
+    first) and at once when the operator switches detection. A response's ``x-sinkguard-applied``
+    header is this view at the request's start; records and the A/B log say per request."""
+
+    REFRESH_S = 1.0
+
+    def __init__(self) -> None:
+        self.off_reason: str | None = None
+        self._checked = time.monotonic()  # start-up checked every worker (``sinkguard serve``)
+        self._refresh: asyncio.Task | None = None
+
+    def note(self, per_worker: list[dict[str, Any]]) -> None:
+        off = [w for w in per_worker if not w.get("enabled")]
+        self.off_reason = (off[0].get("removed_reason") or "the detector is not installed") if off else None
+        self._checked = time.monotonic()
+
+    async def current(self, engine: Any, wait: bool) -> str | None:
+        """Why the detector is off (None: it runs), refreshed when older than REFRESH_S."""
+        if engine is not None and time.monotonic() - self._checked > self.REFRESH_S:
+            if self._refresh is None:
+                self._refresh = asyncio.get_running_loop().create_task(self._read(engine))
+            if wait:
+                await asyncio.shield(self._refresh)
+        return self.off_reason
+
+    async def _read(self, engine: Any) -> None:
+        try:
+            self.note(await engine.collective_rpc("sinkguard_status"))
+        except Exception:  # keep the last view; the next request tries again
+            logger.exception("sinkguard: the detector's status could not be read")
+            self._checked = time.monotonic()
+        finally:
+            self._refresh = None
+
+
 class RequestOptionsMiddleware:
-    """Pure ASGI middleware (streaming responses pass through untouched): validates sinkguard's
-    request options, routes arm model names (``<served>:<arm>``, see ``arms.py``), tags the
-    response of a routed request with ``x-sinkguard-arm``, lists the arms in ``/v1/models``, and
-    runs the live A/B experiment when the config has one (``ab_traffic.py``)."""
+    """Pure ASGI middleware (streaming responses pass through untouched). Every JSON POST body is
+    parsed once and bounded (:mod:`sinkguard.serving.request_body`); on the parsed request it
+    routes arm model names (``<served>:<arm>``, see ``arms.py``), validates sinkguard's request
+    options, runs the live A/B experiment when the config has one (``ab_traffic.py``), and says
+    whether the request's policy will run (``x-sinkguard-applied``). Responses of routed requests
+    are tagged with ``x-sinkguard-arm``; ``/v1/models`` lists the arms."""
 
     def __init__(self, app: Any, endpoints: SinkguardEndpoints | None = None) -> None:
         self.app = app
@@ -122,26 +183,27 @@ class RequestOptionsMiddleware:
             if not message.get("more_body"):
                 break
         body = b"".join(chunks)
-        arm, trial, traffic = None, None, None
+        admission = Admission(body)
         if size <= MAX_VALIDATED_BODY:
             try:
-                body, arm = _routed(body)
-                problem = _validate(body)
-                if problem is None and is_generation(scope) and (traffic := self._traffic()) is not None:
-                    if (begun := _beginning(traffic, scope, body, arm)) is not None:
-                        body, trial = begun
+                admission = await self._admit(scope, body)
             except ConfigError as exc:
-                problem = str(exc)
-            if problem is not None:
-                await _error(problem, 400)(scope, receive, send)
+                await _error(str(exc), 400)(scope, receive, send)
                 return
-        if arm is not None or trial is not None:
+            except Unavailable as exc:
+                await _error(str(exc), 503)(scope, receive, send)
+                return
+        if admission.body is not body:  # rewritten: its length changed
+            body = admission.body
             scope = {**scope, "headers": [(k, str(len(body)).encode() if k == b"content-length" else v)
                                           for k, v in scope.get("headers", ())]}
+        trial = admission.trial
+        if admission.unapplied is not None:
+            send = _tagging(send, [(APPLIED_HEADER, "false"), (UNAPPLIED_HEADER, admission.unapplied)])
         if trial is not None:
-            send = traffic.observing(send, trial)
-        elif arm is not None:
-            send = _tagging(send, arm)
+            send = self._traffic().observing(send, trial)
+        elif admission.arm is not None:
+            send = _tagging(send, [(ARM_HEADER, admission.arm)])
         replayed = False
 
         async def replay() -> dict:
@@ -155,7 +217,33 @@ class RequestOptionsMiddleware:
             await self.app(scope, replay, send)
         finally:
             if trial is not None:
-                traffic.finish(trial)  # once per request, whether it completed, failed or was abandoned
+                self._traffic().finish(trial)  # once per request, whether it completed, failed or was abandoned
+
+    async def _admit(self, scope: dict, body: bytes) -> Admission:
+        """Parse, route, validate and assign the request; ConfigError is the client's (HTTP 400)."""
+        payload = parse_json_body(body)
+        if not isinstance(payload, dict):
+            return Admission(body)  # not a JSON object: vLLM answers it
+        if "vllm_xargs" in payload and not isinstance(payload["vllm_xargs"], dict):
+            raise ConfigError("vllm_xargs must be a JSON object")
+        served = self.endpoints.served_models if self.endpoints is not None else ()
+        arm = route_arm(payload, _arms(), served)
+        policy = _resolved_policy(payload)
+        trial = None
+        if is_generation(scope) and (traffic := self._traffic()) is not None:
+            trial = _beginning(traffic, scope, payload, arm)
+            if trial is not None and policy is not None and trial.decision.arm != policy.name:
+                policy = _resolved_policy(payload)  # the arm the experiment assigned
+        unapplied = None
+        if policy is not None and policy.interventions and self.endpoints is not None:
+            refuse = self.endpoints.when_detection_off == "refuse"
+            unapplied = await self.endpoints.detector.current(self.endpoints.engine_client, wait=refuse)
+            if unapplied is not None and refuse:
+                raise Unavailable(f"sinkguard: policy {policy.name!r} cannot run now: {unapplied} "
+                                  "(when_detection_off: refuse)")
+        if arm is not None or trial is not None:
+            body = json.dumps(payload).encode()
+        return Admission(body, arm, trial, unapplied)
 
     def _traffic(self) -> ABTraffic | None:
         """The server's A/B experiment (None: none configured), built on first use."""
@@ -168,11 +256,14 @@ class RequestOptionsMiddleware:
                 from sinkguard.profile import SinkProfile
 
                 policies, _ = _policies()
-                engine = self.endpoints.engine_client if self.endpoints is not None else None
+                endpoints = self.endpoints
+                engine = endpoints.engine_client if endpoints is not None else None
                 rpc = (lambda method, args: engine.collective_rpc(method, args=args)) if engine is not None else None
+                acting = frozenset([INLINE_POLICY, *(p.name for p in policies.policies if p.interventions)])
                 traffic = ABTraffic(config.ab, [NO_POLICY, *policies.names],
                                     config.model_name or SinkProfile.load(config.profile).model.name, rpc,
-                                    config.metrics)
+                                    config.metrics, acting_arms=acting,
+                                    detector_off=(lambda: endpoints.detector.off_reason) if endpoints else None)
             _TRAFFIC.append(traffic)
         return _TRAFFIC[0]
 
@@ -180,11 +271,11 @@ class RequestOptionsMiddleware:
 _TRAFFIC: list[ABTraffic | None] = []
 
 
-def _beginning(traffic: ABTraffic, scope: dict, body: bytes, arm: str | None) -> tuple[bytes, Any] | None:
+def _beginning(traffic: ABTraffic, scope: dict, payload: dict[str, Any], arm: str | None) -> Any:
     """``traffic.begin``, fail-open: a fault in the experiment serves the request outside it (its own
     or the default policy, unlogged) rather than failing it. ConfigError is the client's (HTTP 400)."""
     try:
-        return traffic.begin(scope, body, arm)
+        return traffic.begin(scope, payload, arm)
     except ConfigError:
         raise
     except Exception:
@@ -197,25 +288,13 @@ def _arms() -> list[str]:
     return [NO_POLICY, *policies.names] if scope is not None else []  # none without a sinkguard config
 
 
-def _routed(body: bytes) -> tuple[bytes, str | None]:
-    """The body with an arm model name routed (``vllm_xargs`` set), and the arm."""
-    arms = _arms()
-    if not any(f"{ARM_SEPARATOR}{arm}\"".encode() in body for arm in arms):  # cheap pre-check
-        return body, None
-    try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return body, None  # vLLM answers malformed JSON itself
-    if not isinstance(payload, dict):
-        return body, None
-    arm = route_arm(payload, arms)
-    return (json.dumps(payload).encode(), arm) if arm is not None else (body, None)
+def _tagging(send: Any, headers: list[tuple[str, str]]) -> Any:
+    """``send`` that adds ``headers`` to the response."""
+    encoded = [(name.encode(), value.encode("latin-1", "replace")) for name, value in headers]
 
-
-def _tagging(send: Any, arm: str) -> Any:
     async def tagged(message: dict) -> None:
         if message["type"] == "http.response.start":
-            message = {**message, "headers": [*message.get("headers", ()), (ARM_HEADER.encode(), arm.encode())]}
+            message = {**message, "headers": [*message.get("headers", ()), *encoded]}
         await send(message)
 
     return tagged
@@ -250,23 +329,12 @@ def _listing_arms(send: Any) -> Any:
     return listing
 
 
-def _validate(body: bytes) -> str | None:
-    if b"vllm_xargs" not in body:  # cheap pre-check: most requests carry none
-        return None
-    try:
-        payload = json.loads(body or b"{}")
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None  # vLLM answers malformed JSON itself
-    xargs = payload.get("vllm_xargs") if isinstance(payload, dict) else None
-    if not isinstance(xargs, dict):
-        return None
-    try:
-        options = RequestOptions.from_extra_args(xargs)
-        if options.policy is not None or options.inline_policy is not None:
-            options.resolved_policy(*_policies())
-    except ConfigError as exc:
-        return str(exc)
-    return None
+def _resolved_policy(payload: dict[str, Any]) -> Any:
+    """The policy the request runs under (None without a sinkguard config); ConfigError names a bad
+    ``vllm_xargs.sinkguard_*`` option or policy."""
+    options = RequestOptions.from_extra_args(payload.get("vllm_xargs"))
+    policies, scope = _policies()
+    return options.resolved_policy(policies, scope) if scope is not None else None
 
 
 _POLICIES: list[Any] = []
@@ -306,6 +374,9 @@ class SinkguardEndpoints:
     def __init__(self) -> None:
         self.engine_client: Any = None
         self.access = Access([], None)
+        self.served_models: tuple[str, ...] = ()
+        self.detector = DetectorState()
+        self.when_detection_off = "mark"
 
     def attach_router(self, app: FastAPI) -> None:
         router = APIRouter(prefix="/sinkguard", tags=["sinkguard"])
@@ -316,9 +387,14 @@ class SinkguardEndpoints:
         app.add_middleware(RequestOptionsMiddleware, endpoints=self)
 
     async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
+        from sinkguard.engines.vllm.plugin import enabled_config
+
         self.engine_client = engine_client
         api_keys = list(getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")])
         self.access = Access(api_keys, os.environ.get(ADMIN_TOKEN_ENV))
+        self.served_models = tuple(getattr(args, "served_model_name", None) or [getattr(args, "model", "")])
+        config = enabled_config()
+        self.when_detection_off = config.when_detection_off if config is not None else "mark"
 
     def _tokenizer(self) -> Any:
         try:  # the engine's own (tokenizer mode, revision, trust_remote_code as configured); None if skipped
@@ -354,6 +430,7 @@ class SinkguardEndpoints:
         if self.engine_client is None:
             return JSONResponse({"enabled": False, "workers": []})
         per_worker = await self.engine_client.collective_rpc("sinkguard_status")
+        self.detector.note(per_worker)
         return JSONResponse({"enabled": bool(per_worker) and all(w.get("enabled") for w in per_worker),
                              "workers": per_worker})
 
@@ -369,4 +446,5 @@ class SinkguardEndpoints:
         if self.engine_client is None:
             return _error("sinkguard: no engine behind this server", 503)
         per_worker = await self.engine_client.collective_rpc("sinkguard_set_detection", args=(enabled,))
+        self.detector.note(await self.engine_client.collective_rpc("sinkguard_status"))
         return JSONResponse({"enabled": bool(per_worker) and all(per_worker), "workers": per_worker})

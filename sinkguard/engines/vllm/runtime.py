@@ -126,7 +126,9 @@ class VllmSinkRuntime:
         self._plan = EMPTY_PLAN
         self.guard = FaultGuard(config.fault_limit, config.fail_closed, on_fault=self._on_fault)
         self.injector = FaultInjector(config.fault_injection)
-        self.removed_reason: str | None = None  # why the detector removed itself
+        self.removed_reason: str | None = None  # why the detector is off (removed itself, or switched off)
+        self._started_unobserved: set[str] = set()  # requests that began while the detector was off
+        self._warned_nonfinite = False
         self.steps = 0
         self.unlaid_steps = 0  # steps with attention metadata sinkguard could not map to requests
         self.total_seconds = 0.0  # detector time (observers + detection), all steps
@@ -166,6 +168,8 @@ class VllmSinkRuntime:
         if self.edits_attention:  # only when a configured policy edits attention: otherwise no cost at all
             for index, attn in self._attention_layers(layers):
                 self._wrap(attn.impl, "forward", self._edited_attention(index, attn.impl.forward))
+        if self.removed_reason is not None:  # reinstalled: requests that started meanwhile ran unobserved
+            self._started_unobserved = {r for r in self.runner.requests if r not in self.tracker.live}
         self._enabled = True
         self.removed_reason = None
         self.guard.rearm()
@@ -202,8 +206,12 @@ class VllmSinkRuntime:
             layer.forward = traced_forward
         self._traced_layers = True
 
-    def remove(self) -> None:
-        """Undo :meth:`install` (compiled mode: the op stays in the graph and does nothing)."""
+    def remove(self, reason: str = "detection switched off by the operator") -> None:
+        """Undo :meth:`install` (compiled mode: the op stays in the graph and does nothing). Requests
+        running now, and those that start before a reinstall, lose their policies: their records say so."""
+        for record in self.tracker.live.values():
+            record.policy_interrupted(reason)
+        self.removed_reason = reason
         for target, attribute, previous in reversed(self._wrapped):
             if previous is None:
                 delattr(target, attribute)  # back to the class's attribute
@@ -404,6 +412,8 @@ class VllmSinkRuntime:
         request_ids = self._layout[1]
         for edit in applied:
             kind = edit.intervention.kind
+            if edit.nonfinite is not None:
+                self._skipped_nonfinite(edit, request_ids)
             if self.record:
                 counts = [edit.count] + [0] * (len(edit.positions) - 1) if edit.edited_rows else None
                 for n, (request, position) in enumerate(zip(edit.requests.tolist(), edit.positions.tolist())):
@@ -411,6 +421,23 @@ class VllmSinkRuntime:
                         kind, edit.layer, position, counts[n] if counts else 1)
             if self.metrics is not None:
                 self.metrics.interventions_applied.labels(self.model_name, edit.policy, kind).inc(edit.count)
+
+    def _skipped_nonfinite(self, edit: AppliedEdit, request_ids: list[str]) -> None:
+        """Edits whose result was not finite were skipped (the tokens kept their values): counted and
+        marked on the requests, never against ``fault_limit`` (one client's policy must not remove the
+        detector for everyone)."""
+        if not self._warned_nonfinite:
+            self._warned_nonfinite = True
+            logger.warning("sinkguard: %s (policy %s) at layer %d gave a non-finite result; the edit was skipped "
+                           "for those tokens (counted in faults_total{stage=\"nonfinite_edit\"})",
+                           edit.intervention.kind, edit.policy, edit.layer)
+        if self.record:
+            for request in edit.nonfinite.tolist():
+                record = self.tracker.live[request_ids[request]]
+                record.nonfinite_edits += 1
+                record.policy_interrupted("an edit gave a non-finite result and was skipped")
+        if self.metrics is not None:
+            self.metrics.faults.labels(self.model_name, "nonfinite_edit").inc(len(edit.nonfinite))
 
     # -- faults -------------------------------------------------------------------------------
     def _fault(self, stage: str, exc: Exception) -> None:
@@ -420,9 +447,8 @@ class VllmSinkRuntime:
         self._mark_unscanned()
         self.guard.record(stage, exc)  # re-raises when failing closed
         if self.guard.exhausted and self.installed:
-            self.remove()
-            self.removed_reason = (f"removed after {self.guard.total} detector faults (first: "
-                                   f"{self.guard.first_fault}); the server keeps serving without detection")
+            self.remove(f"removed after {self.guard.total} detector faults (first: {self.guard.first_fault}); "
+                        "the server keeps serving without detection or interventions")
             logger.error("sinkguard: detector %s", self.removed_reason)
 
     def _on_fault(self, stage: str, _exc: BaseException) -> None:
@@ -433,7 +459,9 @@ class VllmSinkRuntime:
         try:  # best effort: the layout itself may be what failed
             if self.record and self._layout is not None:
                 for request_id in self._layout[1]:
-                    (self.tracker.live.get(request_id) or self._first_sight(request_id)).unscanned_steps += 1
+                    record = self.tracker.live.get(request_id) or self._first_sight(request_id)
+                    record.unscanned_steps += 1
+                    record.policy_interrupted("a detector fault left a step without its interventions")
         except Exception:
             pass
 
@@ -540,6 +568,9 @@ class VllmSinkRuntime:
             policy = self.policies.get(NO_POLICY)
         record.policy = policy.name
         record.policy_spec = policy if policy.interventions else None  # None: nothing to plan
+        if request_id in self._started_unobserved:
+            self._started_unobserved.discard(request_id)
+            record.policy_interrupted("detection was off when the request started")
         if self.prefix_store is not None and state is not None:
             self.prefix_store.begin(request_id, policy_cache_key(record.policy_spec))
             if state.num_computed_tokens > 0:
