@@ -121,7 +121,19 @@ def compare(run: EvalRun, alpha: float = 0.05, seed: int = 0) -> dict[str, Any]:
     out["alpha"] = alpha
     out["tests"] = len(pvalues)
     out["sink_stats"] = _sink_stats(run)
+    out["warnings"] = unapplied_warnings(out["sink_stats"])
     return out
+
+
+def unapplied_warnings(stats: dict[str, Any] | None) -> list[str]:
+    """One line per arm some of whose requests ran without the arm's policy (from their records)."""
+    warnings = []
+    for arm, found in ((stats or {}).get("arms") or {}).items():
+        if found.get("not_applied"):
+            reasons = "; ".join(f"{n}x {why}" for why, n in found.get("not_applied_reasons", {}).items())
+            warnings.append(f"arm {arm}: {found['not_applied']} of {found['records']} requests ran without the arm's "
+                            f"policy ({reasons}): its results mix in unedited outputs")
+    return warnings
 
 
 def wilson(successes: int, trials: int, confidence: float = 0.95) -> dict[str, float] | None:

@@ -117,6 +117,8 @@ def eval_report_html(run: EvalRun, comparison: dict[str, Any]) -> str:
     page.note(f"Paired with the control arm '{comparison['control']}'; {comparison['tests']} tests, Holm-corrected at "
               f"alpha {comparison['alpha']}. Intervals are 95%.")
     page.table(HEADER, comparison_rows(comparison))
+    for warning in comparison.get("warnings", []):
+        page.note(f"Warning: {warning}")
     _metric_figures(page, comparison, colors)
     _sink_section(page, comparison.get("sink_stats"), colors)
     _latency_figure(page, comparison.get("latency", {}), colors)

@@ -91,6 +91,10 @@ def aggregate(records: Sequence[dict[str, Any]], requests: int | None = None, mi
         # events beyond a record's cap are counted in sink_counts but not listed: the by-layer
         # counts are then a lower bound (events_dropped says by how much at most)
         "events_dropped": sum(int(r.get("events_dropped", 0)) for r in records),
+        # requests whose policy did not run on all their tokens (the detector was off, a step faulted):
+        # in a paired comparison they carry the control's behaviour into the arm
+        "not_applied": sum(r.get("applied") is False for r in records),
+        "not_applied_reasons": dict(Counter(r["unapplied_reason"] for r in records if r.get("applied") is False)),
         "secondary_events_listed": sum(e.get("kind") == "secondary" and not e.get("is_reference") for e in events),
         "secondary_active_by_layer": by_layer,
         "secondary_active_per_1k_tokens_by_layer": [per_1k(n) for n in by_layer],

@@ -45,6 +45,7 @@ def comparison_markdown(comparison: dict[str, Any]) -> str:
     lines = [f"Control arm: `{comparison['control']}`; {comparison['tests']} tests, Holm-corrected at "
              f"alpha {comparison['alpha']}.", "", "| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
     lines += ["| " + " | ".join(row) + " |" for row in comparison_rows(comparison)]
+    lines += ["", *[f"**Warning:** {w}" for w in comparison.get("warnings", [])]] if comparison.get("warnings") else []
     latency = comparison.get("latency", {})
     if any(v.get("ttft_ms") for v in latency.values()):
         lines += ["", "| arm | requests | TTFT mean (ms) | TPOT mean (ms) |", "|---|---|---|---|"]
@@ -61,7 +62,10 @@ def print_comparison(comparison: dict[str, Any], console: Console | None = None)
         table.add_column(column)
     for row in comparison_rows(comparison):
         table.add_row(*row)
-    (console or Console()).print(table)
+    console = console or Console()
+    console.print(table)
+    for warning in comparison.get("warnings", []):
+        console.print(f"[bold red]warning:[/] {warning}")
 
 
 def print_ab_report(report: dict[str, Any], console: Console | None = None) -> None:

@@ -151,3 +151,15 @@ def test_a_run_saved_before_sink_statistics_still_loads(tmp_path):
     del data["sink_stats"]
     path.write_text(json.dumps(data))
     assert EvalRun.load(path).sink_stats is None and compare(EvalRun.load(path))["sink_stats"] is None
+
+
+def test_requests_served_without_their_arms_policy_are_flagged():
+    from sinkguard.evaluation.compare import unapplied_warnings
+    from sinkguard.evaluation.sink_stats import aggregate
+
+    ran = {"tokens_scanned": {"prefill": 4, "decode": 2}, "sink_counts": {}, "events": [], "applied": True}
+    off = {**ran, "applied": False, "unapplied_reason": "detection switched off by the operator"}
+    stats = {"arms": {"none": aggregate([ran, ran]), "act": aggregate([ran, off, off])}}
+    assert stats["arms"]["act"]["not_applied"] == 2 and stats["arms"]["none"]["not_applied"] == 0
+    (warning,) = unapplied_warnings(stats)
+    assert warning.startswith("arm act: 2 of 3 requests") and "2x detection switched off" in warning

@@ -58,11 +58,15 @@ class Client:
 
 
 @pytest.fixture(scope="module")
-def experiment(hf_model, served_profile, policy_file, tmp_path_factory):
+def experiment(hf_model, served_profile, tmp_path_factory):
+    from served_policies import POLICIES
+
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
 
     folder = tmp_path_factory.mktemp("ab")
     ab = AB.model_copy(update={"log": str(folder / "ab.jsonl")})
+    policy_file = folder / "policies.json"  # the session's policies, and clients may send their own
+    policy_file.write_text(json.dumps({**POLICIES, "allow_inline": True}))
     config = ServeConfig(profile=str(served_profile[0]), policies=str(policy_file), ab=ab)
     launch = prepare_launch(hf_model.source.path, config, "smol", port=free_port(),
                             extra_args=["--max-model-len", "2048", "--seed", "0", "--dtype", "float32",
@@ -233,6 +237,109 @@ def test_a_real_prometheus_scrapes_the_per_arm_metrics(experiment, tmp_path):
             process.terminate()
             process.wait(timeout=30)
     assert seen == expected, (tmp_path / "prometheus.log").read_text()[-2000:]
+
+
+def greedy(experiment, prompts: list, model: str = "smol:none") -> tuple[list[str], list[float]]:
+    """Each prompt's greedy continuation under an arm, and its tokens' log-probabilities."""
+    answers = [experiment.client.post("/v1/completions", {"model": model, "prompt": p, "max_tokens": 8,
+                                                         "temperature": 0.0, "logprobs": 1}) for p in prompts]
+    assert all(status == 200 for status, _, _ in answers), answers
+    return ([a["choices"][0]["text"] for _, a, _ in answers],
+            [x for _, a, _ in answers for x in a["choices"][0]["logprobs"]["token_logprobs"]])
+
+
+def test_one_clients_policy_cannot_poison_other_tenants_or_hold_the_server(experiment, online_prompts):
+    """Non-finite or unbounded parameters and stacked edits are refused at once (400 naming the field or
+    the budget); the largest allowed values serve; other tenants' greedy outputs do not change."""
+    client = experiment.client
+    prompts = online_prompts[20:24]
+    before = greedy(experiment, prompts)
+
+    def inline(interventions: str) -> tuple[int, dict, float]:
+        start = time.monotonic()
+        status, body, _ = client.post("/v1/completions", {"model": "smol", "prompt": online_prompts[21],
+                                                          "max_tokens": 8, "temperature": 0.0, "vllm_xargs": {
+                                                              "sinkguard_inline_policy": interventions}})
+        return status, body, time.monotonic() - start
+
+    stacked = json.dumps({"interventions": [{"kind": "first_token_scaling", "gamma": round(0.5 + i / 1000, 3)}
+                                            for i in range(200)]})
+    for sent, named in (('{"interventions": [{"kind": "mlp_norm_clamp", "target_norm": Infinity}]}', "target_norm"),
+                        ('{"interventions": [{"kind": "mlp_norm_clamp", "target_norm": 1e39}]}', "target_norm"),
+                        ('{"interventions": [{"kind": "mlp_norm_clamp", "relative_norm": NaN}]}', "relative_norm"),
+                        (stacked, "budget.max_interventions"),
+                        (json.dumps({"interventions": [{"kind": "first_token_scaling", "gamma": 0.4},
+                                                       {"kind": "first_token_scaling", "gamma": 0.6}]}),
+                         "budget.attention_share"),
+                        ('{"interventions": [{"kind": "mlp_projection_removal", "alpha": true}]}', "alpha"),
+                        ("{}", "at least one intervention")):
+        status, body, seconds = inline(sent)
+        assert status == 400 and named in body["error"]["message"] and seconds < 10, (sent[:60], body)
+    for allowed in ('{"interventions": [{"kind": "mlp_norm_clamp", "target_norm": 10000}]}',
+                    '{"interventions": [{"kind": "mlp_norm_clamp", "relative_norm": 100, "layers": [0, 1, 2, 3]}]}',
+                    '{"interventions": [{"kind": "mlp_norm_clamp", "target_norm": 0}]}'):
+        status, body, _ = inline(allowed)
+        assert status == 200 and body["choices"][0]["text"], body
+    texts, logprobs = greedy(experiment, prompts)
+    assert texts == before[0] and logprobs == pytest.approx(before[1], abs=1e-4)  # a prefix-cache hit may round
+
+
+def test_an_arm_that_cannot_run_says_so_and_is_not_compared(experiment, split, tmp_path):
+    """With the detector off, a request for arm act is served without its interventions: the response,
+    its record and the A/B log say so, and the report counts it instead of comparing it to none."""
+    from sinkguard.cli import main
+
+    client = experiment.client
+    admin = {"Authorization": f"Bearer {API_KEY}"}  # no admin token: the API key administers
+    user = next(u for u, arm in split.items() if arm == "act")
+    try:
+        assert http_json(experiment.base_url + "/sinkguard/detection", {"enabled": False}, headers=admin)[0] == 200
+        status, off, headers = client.complete("The sky is", user=user)
+        assert status == 200 and headers["x-sinkguard-arm"] == "act" and headers["x-sinkguard-applied"] == "false"
+        assert "switched off" in headers["x-sinkguard-unapplied-reason"]
+        status, plain, headers = client.complete("The sky is", user=next(u for u, a in split.items() if a == "none"))
+        assert status == 200 and "x-sinkguard-applied" not in headers  # none has nothing to run
+    finally:
+        assert http_json(experiment.base_url + "/sinkguard/detection", {"enabled": True}, headers=admin)[0] == 200
+    status, on, headers = client.complete("The sky is", user=user)
+    assert status == 200 and "x-sinkguard-applied" not in headers
+    rows = {r["response_id"]: r for r in wait_for_log(experiment, len(client.reached))}
+    assert rows[off["id"]]["applied"] is False and "switched off" in rows[off["id"]]["unapplied_reason"]
+    assert rows[on["id"]]["applied"] is True and rows[on["id"]]["policy"] == "act"
+    assert rows[plain["id"]]["applied"] is True
+    status, record = http_json(f"{experiment.base_url}/sinkguard/requests/{on['id']}", headers=admin)
+    assert status == 200 and record["requests"][0]["applied"] and record["requests"][0]["unapplied_reason"] is None
+    assert main(["ab", "report", str(experiment.log), "--json", str(tmp_path / "report.json")]) == 0
+    act = json.loads((tmp_path / "report.json").read_text())["arms"]["act"]
+    assert act["not_applied"] >= 1 and act["compared"] == act["requests"] - act["not_applied"] - act["errors"] \
+        - act["abandoned"]
+
+
+def test_the_log_has_engine_requests_only_marks_disconnects_and_counts_stream_prompts(experiment, split):
+    import http.client
+
+    client = experiment.client
+    logged = len(wait_for_log(experiment, len(client.reached)))
+    user = next(iter(split))
+    assert client.post("/v1/completions", {"model": "elsewhere", "prompt": "Hi", "user": user})[0] == 404
+    assert client.complete("Hi", user=12345)[0] == 400  # vLLM's own validation: never reached the engine
+    status, streamed, _ = client.complete("Count to ten:", user=user, stream=True, max_tokens=6)
+    status, whole, _ = client.complete("Count to ten:", user=user, max_tokens=6)
+    host, port = experiment.base_url.split("//", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    connection.request("POST", "/v1/completions", json.dumps({
+        "model": "smol", "prompt": "Write a long story:", "max_tokens": 400, "stream": True, "user": user}),
+        {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"})
+    response = connection.getresponse()
+    first = response.readline()
+    left = json.loads(first[5:])["id"] if first.startswith(b"data:") else None
+    connection.close()  # the client leaves mid-stream
+    rows = wait_for_log(experiment, logged + 3)
+    new = {r["response_id"]: r for r in rows[logged:]}
+    assert set(new) == {streamed["id"], whole["id"], left}, new  # the 404 and the 400 are not in the log
+    assert new[streamed["id"]]["prompt_tokens"] == whole["usage"]["prompt_tokens"]
+    assert new[left]["abandoned"] is True and new[left]["status"] == 200
+    assert not new[whole["id"]].get("abandoned") and not new[streamed["id"]].get("abandoned")
 
 
 def test_the_examples_traffic_script_drives_the_experiment(experiment):

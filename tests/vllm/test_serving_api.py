@@ -168,3 +168,45 @@ def test_arms_are_model_names_any_client_can_pick(server, online_prompts):
     # the same tokens as selecting the policy through vllm_xargs
     same = completion(server, online_prompts[3], vllm_xargs={"sinkguard_policy": "act"})
     assert same["choices"][0]["text"] == body["choices"][0]["text"]
+
+
+def test_hostile_bodies_get_a_400_and_the_connection_keeps_serving(server, online_prompts):
+    """Nested JSON (body or vllm_xargs), vllm_xargs of the wrong type, coerced types and an unknown arm:
+    HTTP 400 naming the problem, no traceback, and the next request on the same connection is served."""
+    import http.client
+
+    host, port = server.base_url.split("//", 1)[1].split(":")
+    connection = http.client.HTTPConnection(host, int(port), timeout=120)
+    headers = {**server.user_headers, "Content-Type": "application/json"}
+    prompt = json.dumps(online_prompts[0]).encode()
+    hostile = [
+        (b'{"model": "smol", "max_tokens": 2, "prompt": ' + b"[" * 5000 + b"]" * 5000 + b"}", "nested deeper"),
+        (b'{"model": "smol", "prompt": ' + prompt + b', "vllm_xargs": {"x": ' + b"[" * 3000 + b"]" * 3000 + b"}}",
+         "nested deeper"),
+        (b'{"model": "smol", "prompt": ' + prompt + b', "vllm_xargs": ["sinkguard_detect"]}', "vllm_xargs must be"),
+        (b'{"model": "smol", "prompt": ' + prompt + b', "vllm_xargs": "sinkguard_detect"}', "vllm_xargs must be"),
+        (b'{"model": "smol", "prompt": ' + prompt + b', "vllm_xargs": {"sinkguard_detect": "yes"}}',
+         "sinkguard_detect"),
+        (b'{"model": "smol", "prompt": ' + prompt + b', "vllm_xargs": {"sinkguard_max_events": "10"}}',
+         "sinkguard_max_events"),
+        (b'{"model": "smol:nope", "prompt": ' + prompt + b"}", "smol:none, smol:remove"),
+    ]
+    for body, named in hostile:
+        connection.request("POST", "/v1/completions", body, headers)
+        response = connection.getresponse()
+        answer = response.read().decode()
+        assert response.status == 400 and named in answer and "Traceback" not in answer, (body[:80], answer[:300])
+        connection.request("POST", "/v1/completions", json.dumps({
+            "model": "smol", "prompt": online_prompts[0], "max_tokens": 2, "temperature": 0.0}).encode(), headers)
+        response = connection.getresponse()
+        assert response.status == 200 and json.loads(response.read())["choices"]
+    connection.close()
+
+
+def test_admin_routes_take_the_scheme_in_any_case_like_v1(server):
+    token = server.admin_headers["Authorization"].split(" ", 1)[1]
+    for scheme in ("bearer", "BEARER", "Bearer"):
+        assert ask(server, "/sinkguard/status", {"Authorization": f"{scheme} {token}"})[0] == 200, scheme
+    assert http_json(server.base_url + "/v1/models", headers={
+        "Authorization": "bearer " + server.user_headers["Authorization"].split(" ", 1)[1]})[0] == 200
+
