@@ -36,7 +36,7 @@ INLINE_POLICY = "inline"  # the name a request's inline policy runs, is recorded
 
 class Policy(WireModel):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.-]+$")
-    interventions: list[InterventionSpec] = Field([], max_length=256)
+    interventions: list[InterventionSpec] = Field([], max_length=4096)
 
     @field_validator("interventions", mode="before")
     @classmethod
@@ -75,8 +75,8 @@ class PolicyBudget(StrictModel):
     (HTTP 400); the message names the budget. Attention edits dominate: each edited (layer, query
     head) recomputes that head's attention over the request's whole context from the KV cache."""
 
-    max_interventions: int = Field(8, ge=1, le=256)
-    """Interventions in one policy."""
+    max_interventions: int = Field(64, ge=1, le=4096)
+    """Interventions in one policy (``select-heads`` writes one per layer: raise it for deeper models)."""
     attention_share: float = Field(1.0, gt=0.0, le=64.0)
     """Attention a policy's edits recompute per token, as a share of the model's (layer, query head)
     pairs summed over its attention interventions: 1.0 is one edit over every head of every layer."""

@@ -71,8 +71,8 @@ def test_the_cost_budget_refuses_stacked_attention_edits_naming_itself():
     stacked = [{"kind": "first_token_scaling", "gamma": 0.5 + i / 1000} for i in range(3)]
     with pytest.raises(ConfigError, match=r"budget.attention_share = 1\b"):
         RequestOptions(inline_policy=inline(stacked)).resolved_policy(INLINE, SCOPE)
-    many = [{"kind": "mlp_projection_removal", "alpha": i / 100} for i in range(9)]
-    with pytest.raises(ConfigError, match="budget.max_interventions = 8"):
+    many = [{"kind": "mlp_projection_removal", "alpha": i / 100} for i in range(65)]
+    with pytest.raises(ConfigError, match="budget.max_interventions = 64"):
         RequestOptions(inline_policy=inline(many)).resolved_policy(INLINE, SCOPE)
     roomy = PolicySet(allow_inline=True, budget={"attention_share": 3.0})  # configurable
     assert len(RequestOptions(inline_policy=inline(stacked)).resolved_policy(roomy, SCOPE).interventions) == 3
