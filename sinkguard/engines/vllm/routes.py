@@ -235,7 +235,8 @@ class RequestOptionsMiddleware:
             if trial is not None and policy is not None and trial.decision.arm != policy.name:
                 policy = _resolved_policy(payload)  # the arm the experiment assigned
         unapplied = None
-        if policy is not None and policy.interventions and self.endpoints is not None:
+        runs_model = not scope.get("path", "").endswith("tokenize")  # (de)tokenizing reaches no engine step
+        if policy is not None and policy.interventions and self.endpoints is not None and runs_model:
             refuse = self.endpoints.when_detection_off == "refuse"
             unapplied = await self.endpoints.detector.current(self.endpoints.engine_client, wait=refuse)
             if unapplied is not None and refuse:
