@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -113,3 +114,67 @@ def test_invalid_policy_file_fails_start_up_naming_the_field(tmp_path, monkeypat
     policies.write_text("default: act\npolicies: []\n")
     with pytest.raises(ConfigError, match="default policy 'act' is not defined"):
         enabled_config()
+
+
+OWNED_FORMS = {  # vLLM arguments sinkguard serve sets, in forms vLLM's parser takes -> (vLLM option, sinkguard's)
+    ("--port", "9001"): ("--port", "--port"), ("--port=9001",): ("--port", "--port"),
+    ("--por", "9001"): ("--port", "--port"), ("--host=0.0.0.0",): ("--host", "--host"),
+    ("--model", "/m"): ("--model", "--model"), ("--served_model_name", "x"): ("--served-model-name",) * 2,
+    ("--served-model-name=x",): ("--served-model-name",) * 2, ("--shutdown-timeout", "5"): ("--shutdown-timeout",
+                                                                                          "--drain-timeout"),
+    ("--uds", "/tmp/s.sock"): ("--uds", "--host and --port"),
+}
+
+
+def test_serve_refuses_vllm_arguments_it_sets_itself_naming_its_option(tmp_path):
+    """Given to vLLM as well, `--port N` made vLLM serve on N while `sinkguard serve` polled its own
+    port: refused (every form vLLM's parser would take), naming the sinkguard serve option."""
+    config = ServeConfig(profile="p")
+    for args, (_, option) in OWNED_FORMS.items():
+        with pytest.raises(ConfigError, match=f"set by sinkguard serve .*: use sinkguard serve's {option}$"):
+            prepare_launch(tmp_path, config, "m", extra_args=["--enforce-eager", *args])
+    launch = prepare_launch(tmp_path, config, "m", port=8123, extra_args=["--max-model-len", "512"], drain_timeout=7)
+    assert launch.command[launch.command.index("--port") + 1] == "8123" and launch.command.count("--port") == 1
+    assert launch.command[launch.command.index("--shutdown-timeout") + 1] == "7" and launch.drain_timeout == 7
+    with pytest.raises(ConfigError, match="--drain-timeout must be in"):
+        prepare_launch(tmp_path, config, "m", drain_timeout=-1)
+
+
+def test_refused_forms_are_what_vllms_parser_reads_as_those_options():
+    """The refusal matches vLLM's own parser: each refused form sets the owned option there, and no
+    other vLLM option is a prefix of an owned one (so refusing prefixes refuses nothing else)."""
+    from vllm.entrypoints.launchers.cli_args import make_arg_parser
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    from sinkguard.engines.vllm.server import OWNED_ARGS
+
+    parser = make_arg_parser(FlexibleArgumentParser())
+    options = {option for action in parser._actions for option in action.option_strings}
+    assert set(OWNED_ARGS) <= options
+    assert not [o[:k] for o in OWNED_ARGS for k in range(3, len(o)) if o[:k] in options]
+    dests = {option: action.dest for action in parser._actions for option in action.option_strings}
+    defaults = parser.parse_args([])
+    for args, (option, _) in OWNED_FORMS.items():
+        dest = dests[option]
+        assert getattr(parser.parse_args(list(args)), dest) != getattr(defaults, dest), args
+
+
+def run_serve(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "sinkguard", "serve", *args], capture_output=True, text=True,
+                          timeout=120, **kwargs)
+
+
+def test_serve_cli_refuses_an_owned_argument_and_an_occupied_port_in_one_line(served_profile):
+    refused = run_serve("--profile", str(served_profile[0]), "--", "--port", "9001")
+    assert refused.returncode == 2 and refused.stderr.splitlines() == [
+        "sinkguard: error: sinkguard serve: the vLLM argument --port is set by sinkguard serve (vLLM would listen "
+        "where sinkguard serve does not look): use sinkguard serve's --port"], refused.stderr
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        occupied = run_serve("--profile", str(served_profile[0]), "--port", str(port))
+    assert occupied.returncode == 2 and occupied.stderr.splitlines() == [
+        f"sinkguard: error: sinkguard serve: cannot listen on 127.0.0.1:{port} (Address already in use); another "
+        "server is there? Choose another --port"], occupied.stderr
+    assert "serving" not in occupied.stdout  # failed before anything was prepared, let alone vLLM started

