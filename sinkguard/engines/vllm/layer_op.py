@@ -20,6 +20,7 @@ eager wrappers call (``VllmSinkRuntime._on_layer``: planned MLP edits, then the 
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -47,6 +48,23 @@ def _layer_output(mlp_out: torch.Tensor, residual: torch.Tensor, layer: int) -> 
 
 def _layer_output_fake(mlp_out: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     return None
+
+
+def after_layer(forward: Callable[..., Any], index: int, op: Callable[..., None]) -> Callable[..., Any]:
+    """A decoder layer's ``forward`` followed by the op on its output (vLLM layers return the MLP output
+    and the residual before it). It holds no Python state, so tracing it freezes nothing.
+
+    Defined here rather than in ``runtime.py`` because Dynamo inlines it: vLLM's AOT compile cache lists
+    every file Dynamo inlined and recompiles when one of them changes (``_verify_source_unchanged`` in
+    ``vllm/compilation/decorators.py``). This small file changes only with the op itself; edits to the
+    runtime would otherwise cost every server its warm start."""
+
+    def traced_forward(*args: Any, **kwargs: Any) -> Any:
+        output = forward(*args, **kwargs)
+        op(output[0], output[1], index)
+        return output
+
+    return traced_forward
 
 
 def register() -> Callable[..., None]:

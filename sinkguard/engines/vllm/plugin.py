@@ -141,9 +141,14 @@ def mark_compiled_graph(vllm_config: Any) -> None:
     """Make vLLM's compile caches (Inductor and AOT artifacts) tell a graph with sinkguard's op from one
     without: both key on ``VllmConfig.compute_hash``, which covers ``additional_config``. Set in the
     worker before the model's first forward, where vLLM compiles. Without it a plain server's cached
-    graph could be loaded here and run the model unobserved (caught after warm-up, ``_wrap_worker``)."""
+    graph could be loaded here and run the model unobserved (caught after warm-up, ``_wrap_worker``).
+    Also lets vLLM 0.32 load its AOT artifact on CPU at all (``startup.allow_aot_reload``): without it
+    every start compiles again."""
     from sinkguard._version import __version__
     from sinkguard.engines.vllm.layer_op import QUALIFIED_NAME
+    from sinkguard.engines.vllm.startup import allow_aot_reload
+
+    allow_aot_reload()  # vLLM loads the AOT artifact at the model's first forward, after this
 
     if vllm_config.additional_config is None:
         vllm_config.additional_config = {}
@@ -284,9 +289,11 @@ def register() -> None:
 
     from sinkguard.engines.vllm import cpu_seed
     from sinkguard.engines.vllm.cache_salt import wrap_input_processor
+    from sinkguard.engines.vllm.startup import quiet_downcast_warnings
 
     cpu_seed.install()  # vLLM CPU 0.32 kills the engine on a seeded request prefilled in chunks
     wrap_input_processor(serve_policies(config))  # policies never share prefix-cached KV
+    quiet_downcast_warnings()  # float32 model folders served in bfloat16: one line, not a warning per weight
     for module, name, observed in RUNNER_CLASSES:
         if (runner_cls := _import_class(module, name)) is not None:
             _wrap_runner(runner_cls, config, observed)

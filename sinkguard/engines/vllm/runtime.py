@@ -196,14 +196,9 @@ class VllmSinkRuntime:
             if layer_op.QUALIFIED_NAME not in ops:
                 compilation.splitting_ops = [*ops, layer_op.QUALIFIED_NAME]
         for index, layer in enumerate(layers):
-            forward = layer.forward
-
-            def traced_forward(*args: Any, _forward: Any = forward, _index: int = index, **kwargs: Any) -> Any:
-                output = _forward(*args, **kwargs)
-                op(output[0], output[1], _index)  # vLLM layers return (mlp output, residual before it)
-                return output
-
-            layer.forward = traced_forward
+            # the wrapper lives in layer_op.py: Dynamo inlines it, and vLLM's compile cache is invalidated
+            # by any change to a file Dynamo inlined (this one changes often)
+            layer.forward = layer_op.after_layer(layer.forward, index, op)
         self._traced_layers = True
 
     def remove(self, reason: str = "detection switched off by the operator") -> None:
