@@ -31,6 +31,7 @@ asked it to, with a non-zero exit status.
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import json
 import os
 import re
@@ -87,16 +88,17 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def check_port_free(host: str, port: int) -> None:
-    """ConfigError unless a server could listen on ``host:port`` now (bound as uvicorn binds it)."""
+    """ConfigError unless vLLM could listen on ``host:port`` now (bound as vLLM binds its socket)."""
     try:
-        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM,
-                                                             flags=socket.AI_PASSIVE)[0]
-    except socket.gaierror as exc:
-        raise ConfigError(f"sinkguard serve: --host {host}: {exc.strerror}") from None
-    with socket.socket(family, kind, proto) as sock:
+        family = socket.AF_INET6 if ipaddress.ip_address(host).version == 6 else socket.AF_INET
+    except ValueError:  # a name: vLLM binds it over IPv4
+        family = socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(address)
+            sock.bind((host, port))
+        except socket.gaierror as exc:
+            raise ConfigError(f"sinkguard serve: --host {host}: {exc.strerror}") from None
         except OSError as exc:
             raise ConfigError(f"sinkguard serve: cannot listen on {host}:{port} ({exc.strerror}); another "
                               "server is there? Choose another --port") from None
