@@ -228,7 +228,7 @@ def test_sigterm_under_load_drains_streams_logs_each_request_once_and_stops(
         serve.wait_ready()
         tree = descendants(serve.process.pid)
         body = {"model": "SmolLM2-135M-Instruct", "temperature": 0.7, "stream": True, "ignore_eos": True}
-        short = [Stream(serve.port, {**body, "prompt": f"Note {i}:", "max_tokens": 48, "user": f"s{i}"})
+        short = [Stream(serve.port, {**body, "prompt": f"Note {i}:", "max_tokens": 32, "user": f"s{i}"})
                  for i in range(8)]
         long = [Stream(serve.port, {**body, "prompt": f"Story {i}:", "max_tokens": 1000, "user": f"l{i}"})
                 for i in range(8)]
