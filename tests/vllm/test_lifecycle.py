@@ -134,8 +134,8 @@ def completion(base_url: str, prompt: list[int], max_tokens: int = 16) -> tuple[
 
 
 def test_faults_are_served_unobserved_until_the_detector_removes_itself_then_sigterm(
-        hf_model, served_profile, online_prompts, tmp_path):
-    config = ServeConfig(profile=str(served_profile[0]), fault_limit=6,
+        hf_model, served_profile, online_prompts, policy_file, tmp_path):
+    config = ServeConfig(profile=str(served_profile[0]), fault_limit=6, policies=str(policy_file),
                          fault_injection=FaultInjection(stage="layer", every_steps=3))
     serve = Serve(hf_model.source.path, served_profile[0], tmp_path, config)
     try:
@@ -148,6 +148,15 @@ def test_faults_are_served_unobserved_until_the_detector_removes_itself_then_sig
         worker = body["workers"][0]
         assert worker["runtime"] and not worker["enabled"] and "removed after 6 detector faults" in \
             worker["removed_reason"] and worker["faults"] == {"layer": 6}
+        assert worker["unscanned_steps"] >= 6  # every faulted step counts (as the docs say)
+        # a request for a policy now gets none's output: the response says so instead of pretending
+        request = urllib.request.Request(serve.base_url + "/v1/completions", headers={
+            "Content-Type": "application/json"}, data=json.dumps({
+                "model": "SmolLM2-135M-Instruct:remove", "prompt": online_prompts[0], "max_tokens": 2}).encode())
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.headers["x-sinkguard-arm"] == "remove"
+            assert response.headers["x-sinkguard-applied"] == "false"
+            assert "removed after 6 detector faults" in response.headers["x-sinkguard-unapplied-reason"]
         # requests served during a faulted step say so in their records; those that arrived after the
         # detector removed itself were never observed and have none
         found = [http_json(serve.base_url + f"/sinkguard/requests/{b['id']}") for _, b in answers]
