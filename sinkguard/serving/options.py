@@ -72,14 +72,17 @@ class RequestOptions(WireModel):
         return policy
 
     @classmethod
-    def from_extra_args(cls, extra_args: dict[str, Any] | None) -> RequestOptions:
-        """Parse the ``sinkguard_*`` keys of ``extra_args``; ConfigError names a bad key."""
+    def from_extra_args(cls, extra_args: dict[str, Any] | None, strict: bool = True) -> RequestOptions:
+        """Parse the ``sinkguard_*`` keys of ``extra_args``; ConfigError names a bad key. ``strict=False``
+        in the worker: vLLM's protocol model has already coerced the client's values (its
+        ``vllm_xargs`` holds ``str | int | float``: ``false`` arrives as ``0``), and the API server
+        checked the client's own JSON types strictly before that."""
         fields: dict[str, Any] = {}
         for key, value in (extra_args or {}).items():
             if key.startswith(REQUEST_OPTION_PREFIX):
                 fields[key[len(REQUEST_OPTION_PREFIX):]] = value
         try:
-            return cls.model_validate(fields)
+            return cls.model_validate(fields, strict=strict)
         except pydantic.ValidationError as exc:
             problems = describe_validation_error(exc, prefix=f"vllm_xargs.{REQUEST_OPTION_PREFIX}")
             raise ConfigError(f"invalid sinkguard request option: {problems}") from None

@@ -192,7 +192,7 @@ class RequestTracker:
     def _new_record(self, request_id: str, extra_args: dict[str, Any] | None, prompt_tokens: int,
                     sample: int) -> RequestRecord:
         try:
-            options = RequestOptions.from_extra_args(extra_args)
+            options = RequestOptions.from_extra_args(extra_args, strict=False)  # as vLLM coerced them
         except Exception:  # validated at the API server; never fail a batch in the worker
             options = RequestOptions()
         if options.max_events > self.max_events_cap:

@@ -128,3 +128,28 @@ def test_attention_edits_never_write_non_finite_outputs():
     assert torch.equal(out, before) and torch.isfinite(out).all()
     (edit,) = applied
     assert edit.count == 0 and len(edit.nonfinite) == n and np.all(edit.nonfinite == 0)
+
+
+def test_the_worker_reads_options_as_vllm_coerced_them():
+    """The API server checks the client's JSON strictly; vLLM's protocol then turns ``false`` into ``0``
+    (its ``vllm_xargs`` holds str | int | float), and the worker and the cache salt must still read it."""
+    from sinkguard.serving.records import RequestTracker
+
+    coerced = {"sinkguard_detect": 0, "sinkguard_max_events": 3}
+    with pytest.raises(ConfigError):
+        RequestOptions.from_extra_args(coerced)
+    record = RequestTracker().get("cmpl-a-0-1a2b3c4d", coerced, 5)
+    assert record.options.detect is False and record.options.max_events == 3
+
+
+def test_the_cache_salt_reads_coerced_options_too():
+    from types import SimpleNamespace
+
+    from sinkguard.engines.vllm.cache_salt import salt_request
+
+    policies = PolicySet.model_validate({"policies": [{"name": "remove", "interventions": [
+        {"kind": "mlp_projection_removal"}]}]})
+    request = SimpleNamespace(cache_salt=None, sampling_params=SimpleNamespace(
+        extra_args={"sinkguard_detect": 0, "sinkguard_policy": "remove"}))
+    salt_request(request, policies)
+    assert request.cache_salt is not None and request.cache_salt.startswith("sinkguard:policy-")

@@ -25,7 +25,7 @@ def salt_request(request: Any, policies: Any) -> None:
     if params is None:  # pooling requests run no policy
         return
     try:
-        policy = RequestOptions.from_extra_args(params.extra_args).resolved_policy(policies, None)
+        policy = RequestOptions.from_extra_args(params.extra_args, strict=False).resolved_policy(policies, None)
     except ConfigError:
         return  # the workers serve it without interventions (and the API server answers 400 first)
     request.cache_salt = policy_cache_salt(request.cache_salt, policy)
