@@ -122,7 +122,7 @@ OWNED_FORMS = {  # vLLM arguments sinkguard serve sets, in forms vLLM's parser t
     ("--model", "/m"): ("--model", "--model"), ("--served_model_name", "x"): ("--served-model-name",) * 2,
     ("--served-model-name=x",): ("--served-model-name",) * 2, ("--shutdown-timeout", "5"): ("--shutdown-timeout",
                                                                                           "--drain-timeout"),
-    ("--uds", "/tmp/s.sock"): ("--uds", "--host and --port"),
+    ("--uds", "serve.sock"): ("--uds", "--host and --port"),
 }
 
 
