@@ -86,12 +86,12 @@ def rates(rounds: list[dict]) -> dict:
 def main() -> None:
     from rich.console import Console
 
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ServeConfig
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
     from sinkguard.evaluation.datasets import load_multiple_choice
     from sinkguard.evaluation.tasks import Task, multiple_choice_prompt
-    from sinkguard.models import resolve_model
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.serving.settings import ServeConfig
+    from sinkguard.sources.models import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=64, help="MMLU items (4 requests each)")

@@ -48,7 +48,7 @@ CONFIGS = ("steps", "steps-served", "ab", "plain-eager", "sinkguard", "plain-def
 
 def prompts(count: int, length: int) -> list[list[int]]:
     from sinkguard.engines.hf.runner import HFSinkModel  # tokenizer only; the model load is cheap
-    from sinkguard.prompts import default_prompts
+    from sinkguard.sources.prompts import default_prompts
 
     model = HFSinkModel.load(None)
     chunks = default_prompts(lambda t: model.tokenize(t, add_bos=False), count=count, tokens=length - 1)
@@ -56,7 +56,7 @@ def prompts(count: int, length: int) -> list[list[int]]:
 
 
 def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
-    from sinkguard.models import ensure_embedded_model
+    from sinkguard.sources.models import ensure_embedded_model
 
     model_dir = str(ensure_embedded_model().path)
     batch_prompts = prompts(batch, 128)
@@ -65,8 +65,8 @@ def child(config: str, runs: int, batch: int, output_tokens: int) -> dict:
     if config == "steps-served":  # a benchmark function travels to the worker process
         os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"
     if config in ("sinkguard", "ab", "steps", "steps-served"):
-        from sinkguard.calibration import profile_for_model
-        from sinkguard.config import ServeConfig
+        from sinkguard.offline.calibration import profile_for_model
+        from sinkguard.serving.settings import ServeConfig
 
         profile_path, _ = profile_for_model(None)
         path = os.path.join(tempfile.mkdtemp(), "serve.json")

@@ -2,7 +2,7 @@
 
 Naive route: eager attention with ``output_attentions=True, output_hidden_states=True`` (every
 layer's full [H, T, T] attention map and hidden states returned), then the same sink scores and
-cosines computed from them. sinkguard route: :func:`sinkguard.scanner.scan_prompt` with attention
+cosines computed from them. sinkguard route: :func:`sinkguard.offline.scanner.scan_prompt` with attention
 scores on (chunked attention, per-layer reduction in hooks).
 
 A third route, ``plain`` (one SDPA forward, nothing recorded), is the floor: what the same
@@ -27,7 +27,7 @@ import time
 
 
 def long_token_ids(model, length: int) -> list[int]:
-    from sinkguard.prompts import _builtin_documents
+    from sinkguard.sources.prompts import _builtin_documents
 
     ids: list[int] = []
     for _name, text in _builtin_documents():
@@ -42,7 +42,7 @@ def run_one(route: str, length: int) -> dict:
     import numpy as np
     import torch
 
-    from sinkguard.config import ScanConfig
+    from sinkguard.core.settings import ScanConfig
     from sinkguard.engines.hf.runner import HFSinkModel
 
     torch.set_grad_enabled(False)
@@ -73,7 +73,7 @@ def run_one(route: str, length: int) -> dict:
         _ = float(sum(s.sum() for s in scores)) + float(sum(c.sum() for c in cos))
         elapsed = time.perf_counter() - start
     else:
-        from sinkguard.scanner import scan_prompt
+        from sinkguard.offline.scanner import scan_prompt
 
         baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         start = time.perf_counter()

@@ -177,7 +177,7 @@ def start_server(args: argparse.Namespace, dtype: str, config, workdir: Path, co
     """Start one server (sinkguard's launch; ``config.enabled`` False keeps the plugin inert: plain vLLM) with
     its own empty vLLM cache folder, so compiled mode compiles from scratch; returns it and its seconds to ready."""
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
-    from sinkguard.models import resolve_model
+    from sinkguard.sources.models import resolve_model
 
     model_dir = resolve_model(None).path
     workdir.mkdir(parents=True, exist_ok=True)
@@ -202,10 +202,10 @@ def start_server(args: argparse.Namespace, dtype: str, config, workdir: Path, co
 
 
 def run_dtype(args: argparse.Namespace, dtype: str, console) -> dict:
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ServeConfig
     from sinkguard.engines.vllm.server import check_detector_installed
-    from sinkguard.models import resolve_model
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.serving.settings import ServeConfig
+    from sinkguard.sources.models import resolve_model
 
     model_dir = str(resolve_model(None).path)
     profile_path, _ = profile_for_model(None)

@@ -38,10 +38,10 @@ def cache_use(log: str) -> str:
 
 def start_seconds(sinkguard: bool, mode: str, cache_root: Path, dtype: str) -> tuple[float, str, int]:
     """Seconds to ready, what the start did with the compile cache, per-weight dtype warnings logged."""
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ServeConfig
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
-    from sinkguard.models import resolve_model
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.serving.settings import ServeConfig
+    from sinkguard.sources.models import resolve_model
 
     model_dir = resolve_model(None).path
     profile_path, _ = profile_for_model(None)

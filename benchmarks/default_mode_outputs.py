@@ -19,11 +19,11 @@ DEFAULT_MODE = {"enforce_eager": False, "enable_prefix_caching": True}
 
 
 def main() -> None:
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ServeConfig
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.engines.vllm.offline import generate
-    from sinkguard.prompts import default_prompts
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.serving.settings import ServeConfig
+    from sinkguard.sources.prompts import default_prompts
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])

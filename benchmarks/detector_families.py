@@ -36,9 +36,10 @@ def random_qwen3(folder: Path, tokenizer) -> Path:
 
 
 def online_agreement(model, profile_path: Path, profile, prompts: list[list[int]], folder: Path) -> float | None:
-    from sinkguard.config import ScanConfig, ServeConfig
+    from sinkguard.core.settings import ScanConfig
     from sinkguard.engines.vllm.offline import generate
-    from sinkguard.scanner import scan_prompt
+    from sinkguard.offline.scanner import scan_prompt
+    from sinkguard.serving.settings import ServeConfig
 
     folder.mkdir(parents=True, exist_ok=True)
     config = folder / "serve.json"
@@ -59,11 +60,11 @@ def online_agreement(model, profile_path: Path, profile, prompts: list[list[int]
 
 
 def run_family(name: str, spec: str, args: argparse.Namespace, workdir: Path) -> tuple[dict, list]:
-    from sinkguard.calibration import choose_detector, profile_from_scan
-    from sinkguard.config import ScanConfig
+    from sinkguard.core.settings import ScanConfig
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.prompts import default_prompts, held_out_prompts
-    from sinkguard.scanner import scan
+    from sinkguard.offline.calibration import choose_detector, profile_from_scan
+    from sinkguard.offline.scanner import scan
+    from sinkguard.sources.prompts import default_prompts, held_out_prompts
 
     model = HFSinkModel.load(spec)
     tokenize = lambda text: model.tokenize(text, add_bos=False)  # noqa: E731
@@ -123,8 +124,8 @@ def markdown(rows: list[dict], default: dict | None, command: str) -> str:
 
 def common_default(tried: dict[str, list]) -> dict | None:
     """The grid setting meeting the targets on every family, best summed rank."""
-    from sinkguard.config import ConfirmationConfig
     from sinkguard.core.detector_search import rank
+    from sinkguard.core.settings import ConfirmationConfig
 
     names = list(tried)
     confirmation = ConfirmationConfig()

@@ -50,14 +50,14 @@ def policies_for(label: str, forming: bool) -> dict:
 
 
 def run_family(label: str, spec: str | None, args: argparse.Namespace, workdir: Path) -> dict:
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ServeConfig
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
     from sinkguard.evaluation import build_tasks
     from sinkguard.evaluation.client import ArmClient
     from sinkguard.evaluation.outputs import save_evaluation
     from sinkguard.evaluation.runner import evaluate
-    from sinkguard.models import resolve_model
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.serving.settings import ServeConfig
+    from sinkguard.sources.models import resolve_model
 
     model = resolve_model(spec)
     profile_path, profile = profile_for_model(spec)

@@ -4,7 +4,7 @@
 
 For each family (the embedded SmolLM2-135M-Instruct and Gemma 3 270M): the cached profile
 (calibrated on the built-in text); attention-redistribution heads selected on ``--calibration``
-built-in prompts (``sinkguard.selection``: greedy on teacher-forced log-likelihood); then, on
+built-in prompts (``sinkguard.offline.selection``: greedy on teacher-forced log-likelihood); then, on
 ``--held-out`` prompts from documents neither calibration nor selection read, for every
 intervention setting: the attention mass on the baseline's secondary sinks by layer without and
 with it, how many of those sinks the detector still flags, and perplexity without and with it.
@@ -24,8 +24,8 @@ FAMILIES = {"SmolLM2-135M-Instruct": None, "gemma-3-270m": "gemma3-270m"}
 def settings(selected_act, forming: bool) -> list:
     """The settings measured; sink-targeting ones only where the profile saw secondary sinks form
     (elsewhere sinkguard refuses them: they would never act)."""
-    from sinkguard.core.interventions import FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval
-    from sinkguard.policy import Policy
+    from sinkguard.interventions.policy import Policy
+    from sinkguard.interventions.specs import FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval
 
     policies = [Policy(name="zerotuning_g0.5", interventions=[FirstTokenScaling(gamma=0.5)])]
     if not forming:
@@ -39,21 +39,21 @@ def settings(selected_act, forming: bool) -> list:
         policies.append(selected_act)
         half = [spec.model_copy(update={"beta": 0.5}) for spec in selected_act.interventions]
         policies.append(Policy(name="act_selected_b0.5", interventions=half))
-    from sinkguard.core.interventions import AttentionRedistribution
+    from sinkguard.interventions.specs import AttentionRedistribution
 
     policies.append(Policy(name="act_all_heads_b0", interventions=[AttentionRedistribution(beta=0.0)]))
     return policies
 
 
 def run_family(label: str, spec: str | None, calibration: int, held_out: int, tokens: int) -> dict:
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ScanConfig
-    from sinkguard.core.interventions import AttentionRedistribution
-    from sinkguard.effects import policy_effect
+    from sinkguard.core.settings import ScanConfig
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.prompts import default_prompts, held_out_prompts
-    from sinkguard.scanner import prompt_token_ids, scan
-    from sinkguard.selection import select_heads
+    from sinkguard.interventions.specs import AttentionRedistribution
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.offline.effects import policy_effect
+    from sinkguard.offline.scanner import prompt_token_ids, scan
+    from sinkguard.offline.selection import select_heads
+    from sinkguard.sources.prompts import default_prompts, held_out_prompts
 
     model = HFSinkModel.load(spec)
     _, profile = profile_for_model(spec)

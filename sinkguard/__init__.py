@@ -9,22 +9,22 @@ Python API (offline)::
 """
 
 from sinkguard._version import __version__
-from sinkguard.config import AttentionConfig, DetectorConfig, LifetimeRule, ScanConfig
 from sinkguard.core.detection import SinkEvent
+from sinkguard.core.profile import SinkProfile
+from sinkguard.core.settings import AttentionConfig, DetectorConfig, LifetimeRule, ScanConfig
 from sinkguard.errors import ConfigError, InputError, ModelLoadError, ProfileError, SinkguardError
-from sinkguard.profile import SinkProfile
 
 
 def scan(*args, **kwargs):
-    """See :func:`sinkguard.scanner.scan` (imported lazily: loading torch models is slow)."""
-    from sinkguard.scanner import scan as _scan
+    """See :func:`sinkguard.offline.scanner.scan` (imported lazily: loading torch models is slow)."""
+    from sinkguard.offline.scanner import scan as _scan
 
     return _scan(*args, **kwargs)
 
 
 def calibrate(*args, **kwargs):
-    """See :func:`sinkguard.calibration.calibrate`."""
-    from sinkguard.calibration import calibrate as _calibrate
+    """See :func:`sinkguard.offline.calibration.calibrate`."""
+    from sinkguard.offline.calibration import calibrate as _calibrate
 
     return _calibrate(*args, **kwargs)
 

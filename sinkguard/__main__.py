@@ -1,5 +1,5 @@
 import sys
 
-from sinkguard.cli import main
+from sinkguard.cli.main import main
 
 sys.exit(main())

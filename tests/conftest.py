@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from sinkguard.config import AttentionConfig, ScanConfig
-from sinkguard.prompts import default_prompts
+from sinkguard.core.settings import AttentionConfig, ScanConfig
+from sinkguard.sources.prompts import default_prompts
 
 
 @pytest.fixture(scope="session")
@@ -31,7 +31,7 @@ def scan_config() -> ScanConfig:
 @pytest.fixture(scope="session")
 def default_scan(hf_model, scan_config):
     """Eight 256-token prompts of built-in English text, per-prompt reference."""
-    from sinkguard.scanner import scan
+    from sinkguard.offline.scanner import scan
 
     prompts = default_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=8, tokens=256)
     return scan(hf_model, prompts, scan_config, progress=False)
@@ -39,7 +39,7 @@ def default_scan(hf_model, scan_config):
 
 @pytest.fixture(scope="session")
 def profile(default_scan):
-    from sinkguard.calibration import choose_detector, profile_from_scan
+    from sinkguard.offline.calibration import choose_detector, profile_from_scan
 
     return profile_from_scan(*choose_detector(default_scan))
 

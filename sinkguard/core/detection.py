@@ -18,7 +18,7 @@ from typing import Literal
 
 import numpy as np
 
-from sinkguard.config import DetectorConfig
+from sinkguard.core.settings import DetectorConfig
 
 SinkKind = Literal["primary", "secondary", "noise"]
 

@@ -6,7 +6,7 @@ state shares one dominant direction). So the detector's settings are not a const
 per-model choice, made here on calibration prompts whose attention was measured: every setting of
 a small grid (cosine threshold, the norm condition, the formation condition, the active window)
 runs over the prompts' traces, no model needed, and is scored against the attention-confirmed
-sinks of :mod:`sinkguard.core.validation`.
+sinks of :mod:`sinkguard.core.confirmation`.
 
 Choice: among settings that reach the targets (recall of strong sinks, unexplained flags per 256
 tokens), the one with the highest recall, then the fewest unexplained sink flags, then the fewest
@@ -25,9 +25,9 @@ from typing import Literal
 
 import numpy as np
 
-from sinkguard.config import ConfirmationConfig, DetectorConfig
+from sinkguard.core.confirmation import Agreement, ConfirmedSinks, agreement
 from sinkguard.core.detection import active_window, choose_reference, detect_in_trace, reference_norm_ratio
-from sinkguard.core.validation import Agreement, ConfirmedSinks, agreement
+from sinkguard.core.settings import ConfirmationConfig, DetectorConfig
 
 ValidationStatus = Literal["validated", "no_secondary_sinks", "below_target", "unvalidated"]
 

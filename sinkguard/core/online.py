@@ -20,8 +20,9 @@ import logging
 import numpy as np
 import torch
 
-from sinkguard.config import DetectorConfig
 from sinkguard.core.detection import SinkEvent, detect_columns
+from sinkguard.core.profile import SinkProfile
+from sinkguard.core.settings import DetectorConfig
 from sinkguard.core.trace import (
     LayerStatistics,
     chunked_layer_statistics,
@@ -29,7 +30,6 @@ from sinkguard.core.trace import (
     stack_layers,
     unit_rows,
 )
-from sinkguard.profile import SinkProfile
 
 logger = logging.getLogger("sinkguard")
 

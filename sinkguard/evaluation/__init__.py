@@ -18,7 +18,7 @@ def build_tasks(names: Sequence[str], tokenizer: Any, seed: int = 0, perplexity_
     """The evaluation tasks by name, their items drawn with ``seed`` (reproducible)."""
     from sinkguard.evaluation.datasets import load_generation, load_multiple_choice, retrieval_items
     from sinkguard.evaluation.tasks import Task
-    from sinkguard.prompts import held_out_prompts
+    from sinkguard.sources.prompts import held_out_prompts
 
     unknown = [n for n in names if n not in TASK_NAMES]
     if unknown:

@@ -21,8 +21,8 @@ import numpy as np
 
 from sinkguard.evaluation import sink_stats
 from sinkguard.evaluation.runner import EvalRun
+from sinkguard.evaluation.stats import holm, mcnemar_exact, paired_bootstrap
 from sinkguard.evaluation.tasks import accuracy, perplexity
-from sinkguard.stats import holm, mcnemar_exact, paired_bootstrap
 
 
 def paired_permutation_pvalue(treatment: np.ndarray, control: np.ndarray, seed: int = 0,

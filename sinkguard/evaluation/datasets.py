@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from sinkguard.errors import InputError
-from sinkguard.prompts import read_jsonl
+from sinkguard.sources.prompts import read_jsonl
 
 CHOICE_KEYS = ("answer_a", "answer_b", "answer_c", "answer_d")
 

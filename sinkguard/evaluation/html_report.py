@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from sinkguard.evaluation.live import METRICS
+from sinkguard.evaluation.ab_report import METRICS
 from sinkguard.evaluation.runner import EvalRun
 from sinkguard.evaluation.summary import HEADER, comparison_rows, format_value
 
@@ -262,7 +262,7 @@ def _retrieval_figures(page: _Page, comparison: dict[str, Any], colors: dict[str
 # -- live A/B report ----------------------------------------------------------------------------
 def ab_report_html(report: dict[str, Any], rows: Sequence[dict[str, Any]] | None = None,
                    source: str | None = None) -> str:
-    """The live A/B report (:func:`sinkguard.evaluation.live.ab_report`); ``rows`` (the log) adds
+    """The live A/B report (:func:`sinkguard.evaluation.ab_report.ab_report`); ``rows`` (the log) adds
     per-arm distributions."""
     from plotly import graph_objects as go
     from plotly.subplots import make_subplots

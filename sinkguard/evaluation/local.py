@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from sinkguard.evaluation.client import Generation, PromptLogprobs
-from sinkguard.policy import Policy
+from sinkguard.interventions.policy import Policy
 
 _MODEL_LOCKS: dict[int, threading.Lock] = {}
 
@@ -54,7 +54,7 @@ class LocalArmClient:
     @torch.inference_mode()
     def prompt_logprobs(self, prompt: str | list[int]) -> PromptLogprobs:
         """Log-probability of every prompt token given the ones before (the first is None)."""
-        from sinkguard.selection import token_logprobs
+        from sinkguard.offline.selection import token_logprobs
 
         ids = self._ids(prompt)
         with self._lock:
@@ -99,7 +99,7 @@ class LocalArmClient:
 
 def local_clients(model: Any, arms: list[str], policies: Any, profile: Any) -> dict[str, LocalArmClient]:
     """One client per arm (policy names of ``policies``; ``none`` runs without interventions)."""
-    from sinkguard.policy import ModelScope, check_scope
+    from sinkguard.interventions.policy import ModelScope, check_scope
 
     chosen = {arm: policies.get(arm) for arm in arms}  # ConfigError names an unknown arm
     check_scope([p for p in chosen.values() if p.interventions], ModelScope.from_profile(profile))

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from sinkguard.config import ABConfig
 from sinkguard.errors import ConfigError
+from sinkguard.serving.settings import ABConfig
 
 __all__ = ["ABConfig", "ABLog", "Decision", "ResponseObserver", "assign", "decide_arm", "read_log",
            "request_logprobs", "sticky_key"]

@@ -17,7 +17,7 @@ import logging
 from collections import Counter
 from collections.abc import Callable
 
-from sinkguard.config import FaultInjection
+from sinkguard.serving.settings import FaultInjection
 
 logger = logging.getLogger("sinkguard")
 

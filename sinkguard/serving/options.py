@@ -9,7 +9,7 @@ from typing import Any
 import pydantic
 from pydantic import Field, model_validator
 
-from sinkguard.config import WireModel, describe_validation_error
+from sinkguard.core.settings import WireModel, describe_validation_error
 from sinkguard.errors import ConfigError
 
 REQUEST_OPTION_PREFIX = "sinkguard_"
@@ -43,9 +43,9 @@ class RequestOptions(WireModel):
         return self
 
     def resolved_policy(self, policies: Any, scope: Any) -> Any:
-        """The :class:`~sinkguard.policy.Policy` this request runs under (the server's default when it
+        """The :class:`~sinkguard.interventions.policy.Policy` this request runs under (the server's default when it
         names none); ConfigError names what is wrong. The API server and the workers both call this."""
-        from sinkguard.policy import INLINE_POLICY, Policy, check_scope
+        from sinkguard.interventions.policy import INLINE_POLICY, Policy, check_scope
 
         if self.inline_policy is None:
             return policies.get(self.policy or policies.default)

@@ -12,8 +12,8 @@ import pytest
 import torch
 import transformers
 
-from sinkguard.architectures import CONTRACTS, mlp_output_module
-from sinkguard.config import AttentionConfig
+from sinkguard.core.settings import AttentionConfig
+from sinkguard.engines.architectures import CONTRACTS, mlp_output_module
 from sinkguard.engines.hf.attention import AttentionRecorder, recording
 from sinkguard.errors import ModelLoadError
 

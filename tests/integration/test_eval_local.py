@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from sinkguard.core.interventions import AttentionRedistribution, MlpProjectionRemoval
 from sinkguard.errors import ConfigError
 from sinkguard.evaluation import build_tasks
 from sinkguard.evaluation.compare import compare
 from sinkguard.evaluation.local import local_clients
 from sinkguard.evaluation.runner import evaluate
-from sinkguard.policy import Policy, PolicySet
-from sinkguard.selection import token_logprobs
+from sinkguard.interventions.policy import Policy, PolicySet
+from sinkguard.interventions.specs import AttentionRedistribution, MlpProjectionRemoval
+from sinkguard.offline.selection import token_logprobs
 
 POLICIES = PolicySet(policies=[Policy(name="act", interventions=[AttentionRedistribution(beta=0.0)]),
                                Policy(name="remove", interventions=[MlpProjectionRemoval(alpha=1.0)])])
@@ -61,7 +61,7 @@ def test_a_local_paired_run_and_unknown_arms(clients, hf_model, profile):
 
 
 def test_sinkguard_eval_runs_in_process_without_a_server(hf_model, profile, tmp_path):
-    from sinkguard.cli import main
+    from sinkguard.cli.main import main
 
     profile_dir = profile.save(tmp_path / "profile")
     (tmp_path / "policies.json").write_text(POLICIES.model_dump_json())

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import pytest
 
-from sinkguard.config import ConfirmationConfig, DetectorConfig, ScanConfig
-from sinkguard.prompts import held_out_prompts
+from sinkguard.core.settings import ConfirmationConfig, DetectorConfig, ScanConfig
+from sinkguard.sources.prompts import held_out_prompts
 
 TARGETS = ConfirmationConfig()
 
@@ -29,7 +29,7 @@ def held_out(model, count: int = 16):
 
 @pytest.mark.slow
 def test_alignment_alone_flags_ordinary_gemma_tokens_the_default_does_not(gemma):
-    from sinkguard.scanner import redetect, scan
+    from sinkguard.offline.scanner import redetect, scan
 
     alignment = scan(gemma, held_out(gemma, 6), ScanConfig(detector=DetectorConfig.alignment_only()), progress=False)
     assert alignment.agreement.unexplained_per_256 > 50, alignment.agreement.to_dict()  # what issue 7 saw
@@ -40,8 +40,8 @@ def test_alignment_alone_flags_ordinary_gemma_tokens_the_default_does_not(gemma)
 @pytest.mark.slow
 @pytest.mark.parametrize("spec", ["default", "gemma3-270m"])
 def test_calibrated_profile_meets_the_targets_on_held_out_text(spec, hf_model, gemma):
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.scanner import scan
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.offline.scanner import scan
 
     model = hf_model if spec == "default" else gemma
     _, profile = profile_for_model(spec)

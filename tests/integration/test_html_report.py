@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from plotly.offline import get_plotlyjs
 
+from sinkguard.evaluation.ab_report import ab_report
 from sinkguard.evaluation.compare import compare
 from sinkguard.evaluation.html_report import ab_report_html, eval_report_html, write_html
-from sinkguard.evaluation.live import ab_report
 from sinkguard.evaluation.runner import EvalRun
 from sinkguard.evaluation.sink_stats import aggregate
 

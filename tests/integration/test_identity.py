@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from sinkguard.core.fingerprint import NORMS, PROJECTIONS, compare_identity, module_identity
 from sinkguard.errors import ProfileError
-from sinkguard.models import checkpoint_fingerprint
+from sinkguard.sources.models import checkpoint_fingerprint
 
 
 def test_identity_samples_projections(hf_model):

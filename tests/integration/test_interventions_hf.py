@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from sinkguard.core.attention_edits import kept_fraction
-from sinkguard.core.interventions import AttentionRedistribution, FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval
-from sinkguard.core.plan import RequestSlice, build_plan
 from sinkguard.engines.hf.interventions import HFIntervention, intervening
-from sinkguard.policy import Policy
-from sinkguard.selection import mean_loglik, select_heads
+from sinkguard.interventions.attention_edits import kept_fraction
+from sinkguard.interventions.plan import RequestSlice, build_plan
+from sinkguard.interventions.policy import Policy
+from sinkguard.interventions.specs import AttentionRedistribution, FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval
+from sinkguard.offline.selection import mean_loglik, select_heads
 
 
 def prompt_with_sinks(hf_model, default_scan) -> list[int]:
@@ -148,10 +148,10 @@ def test_head_selection_keeps_only_heads_that_improve_the_objective(hf_model, de
 
 
 def test_scan_with_a_policy_reports_the_mass_it_moved(hf_model, default_scan, profile):
-    from sinkguard.config import ScanConfig
-    from sinkguard.effects import policy_effect
-    from sinkguard.prompts import Prompt
-    from sinkguard.scanner import scan
+    from sinkguard.core.settings import ScanConfig
+    from sinkguard.offline.effects import policy_effect
+    from sinkguard.offline.scanner import scan
+    from sinkguard.sources.prompts import Prompt
 
     prompts = [Prompt(token_ids=tuple(p.token_ids)) for p in default_scan.prompts[:3]]
     policy = Policy(name="act", interventions=[AttentionRedistribution(beta=0.0, layers=[5])])

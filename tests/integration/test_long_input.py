@@ -11,8 +11,8 @@ import resource
 import numpy as np
 import pytest
 
-from sinkguard.prompts import _builtin_documents
-from sinkguard.scanner import scan_prompt
+from sinkguard.offline.scanner import scan_prompt
+from sinkguard.sources.prompts import _builtin_documents
 
 
 @pytest.mark.slow

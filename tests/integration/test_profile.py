@@ -7,8 +7,8 @@ import json
 import numpy as np
 import pytest
 
+from sinkguard.core.profile import PROFILE_SCHEMA_VERSION, SinkProfile
 from sinkguard.errors import ProfileError
-from sinkguard.profile import PROFILE_SCHEMA_VERSION, SinkProfile
 
 
 def test_profile_contents_on_embedded_model(profile, default_scan):

@@ -17,7 +17,7 @@ def _import_every_submodule() -> list[str]:
 
 def test_scan_and_calibrate_twice_after_importing_every_submodule(hf_model, tmp_path):
     names = _import_every_submodule()
-    assert "sinkguard.scanner" in names and "sinkguard.calibration" in names
+    assert "sinkguard.offline.scanner" in names and "sinkguard.offline.calibration" in names
     for attempt in range(2):
         result = sinkguard.scan(hf_model, prompts=["The cat sat on the mat. " * 8], progress=False)
         assert result.prompts[0].detection.reference == 0

@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import torch
 
-from sinkguard.config import AttentionConfig, DetectorConfig, ScanConfig
-from sinkguard.scanner import scan, scan_prompt
+from sinkguard.core.settings import AttentionConfig, DetectorConfig, ScanConfig
+from sinkguard.offline.scanner import scan, scan_prompt
 
 
 def secondary_events(result):

@@ -8,7 +8,7 @@ import random
 import pytest
 from scipy.stats import chisquare
 
-from sinkguard.config import validate_config
+from sinkguard.core.settings import validate_config
 from sinkguard.errors import ConfigError
 from sinkguard.serving.ab import (
     ABConfig,

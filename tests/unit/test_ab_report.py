@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from sinkguard.evaluation.live import ab_report
+from sinkguard.evaluation.ab_report import ab_report
 
 
 def log(seed: int, effect: float, n: int = 400) -> list[dict]:

@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from sinkguard.core.attention_edits import SinkMemory, redistribute_group
-from sinkguard.core.interventions import AttentionRedistribution, FirstTokenScaling
-from sinkguard.core.plan import RequestSlice, apply_attention_edits, build_plan
-from sinkguard.core.redistribution import redistributed_attention
-from sinkguard.policy import Policy
+from sinkguard.interventions.attention_edits import SinkMemory, redistribute_group
+from sinkguard.interventions.plan import RequestSlice, apply_attention_edits, build_plan
+from sinkguard.interventions.policy import Policy
+from sinkguard.interventions.redistribution import redistributed_attention
+from sinkguard.interventions.specs import AttentionRedistribution, FirstTokenScaling
 
 
 def test_sinks_are_targeted_from_the_layer_after_they_form():

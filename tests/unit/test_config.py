@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sinkguard.config import ScanConfig, load_config
+from sinkguard.core.settings import ScanConfig, load_config
 from sinkguard.errors import ConfigError
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sinkguard.config import DetectorConfig, LifetimeRule
 from sinkguard.core.detection import (
     active_window,
     attribute_formation,
@@ -14,6 +13,7 @@ from sinkguard.core.detection import (
     detect_sinks,
     flagged_run,
 )
+from sinkguard.core.settings import DetectorConfig, LifetimeRule
 
 
 def test_lifetime_rule_relative_default_scales_with_depth():

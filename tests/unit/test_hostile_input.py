@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from sinkguard.core.interventions import MlpNormClamp, keep_finite
-from sinkguard.core.plan import FormationRule, RequestSlice, apply_attention_edits, apply_mlp_edits, build_plan
 from sinkguard.errors import ConfigError
-from sinkguard.policy import ModelScope, Policy, PolicySet, attention_share, check_scope, load_policies
+from sinkguard.interventions.plan import FormationRule, RequestSlice, apply_attention_edits, apply_mlp_edits, build_plan
+from sinkguard.interventions.policy import ModelScope, Policy, PolicySet, attention_share, check_scope, load_policies
+from sinkguard.interventions.specs import MlpNormClamp, keep_finite
 from sinkguard.serving.options import RequestOptions
 from sinkguard.serving.request_body import MAX_JSON_DEPTH, parse_json_body
 
@@ -112,8 +112,8 @@ def test_a_non_finite_edit_is_skipped_for_its_tokens_and_reported():
 
 
 def test_attention_edits_never_write_non_finite_outputs():
-    from sinkguard.core.attention_edits import SinkMemory
-    from sinkguard.core.interventions import FirstTokenScaling
+    from sinkguard.interventions.attention_edits import SinkMemory
+    from sinkguard.interventions.specs import FirstTokenScaling
 
     torch.manual_seed(0)
     n, heads, dim = 5, 2, 8

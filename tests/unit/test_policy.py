@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sinkguard.core.interventions import FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval, formation_rows
 from sinkguard.errors import ConfigError
-from sinkguard.policy import Policy, PolicySet, load_policies
+from sinkguard.interventions.policy import Policy, PolicySet, load_policies
+from sinkguard.interventions.specs import FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval, formation_rows
 
 POLICIES = """
 default: act
@@ -51,7 +51,7 @@ def test_invalid_policy_names_the_field(tmp_path, bad, field):
 
 def test_default_must_exist_and_names_be_unique():
     with pytest.raises(ConfigError, match="default policy 'x'"):
-        from sinkguard.config import validate_config
+        from sinkguard.core.settings import validate_config
 
         validate_config(PolicySet, {"default": "x"})
     with pytest.raises(ConfigError, match="unique"):
@@ -77,7 +77,7 @@ def test_mlp_arithmetic():
 
 
 def test_layers_and_heads_the_model_does_not_have_are_refused_by_name(tmp_path):
-    from sinkguard.policy import ModelScope, check_scope
+    from sinkguard.interventions.policy import ModelScope, check_scope
 
     path = tmp_path / "p.yaml"
     path.write_text("policies:\n  - name: act\n    interventions:\n"
@@ -97,7 +97,7 @@ def test_layers_and_heads_the_model_does_not_have_are_refused_by_name(tmp_path):
 def test_a_request_resolves_to_a_named_inline_or_default_policy():
     import json as _json
 
-    from sinkguard.policy import ModelScope, PolicySet
+    from sinkguard.interventions.policy import ModelScope, PolicySet
     from sinkguard.serving.options import RequestOptions
 
     act = {"name": "act", "interventions": [{"kind": "attention_redistribution", "beta": 0.0, "layers": [4]}]}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from sinkguard.core.detection import SinkEvent
-from sinkguard.policy import Policy, PolicySet
+from sinkguard.interventions.policy import Policy, PolicySet
 from sinkguard.serving.options import policy_cache_key, policy_cache_salt
 from sinkguard.serving.prefix_events import PrefixEventStore, chain_hash
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from sinkguard.core.redistribution import redistributed_attention
+from sinkguard.interventions.redistribution import redistributed_attention
 
 
 def brute_force(query, keys, values, visible, targets, beta, scale):

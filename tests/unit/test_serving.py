@@ -6,10 +6,10 @@ import logging
 
 import pytest
 
-from sinkguard.config import FaultInjection
 from sinkguard.core.detection import SinkEvent
 from sinkguard.serving.faults import FaultGuard, FaultInjector, InjectedFault
 from sinkguard.serving.records import RequestTracker, client_ids
+from sinkguard.serving.settings import FaultInjection
 
 
 def event(position: int) -> SinkEvent:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sinkguard.stats import holm, mcnemar_exact, msprt, paired_bootstrap
+from sinkguard.evaluation.stats import holm, mcnemar_exact, msprt, paired_bootstrap
 
 
 def test_mcnemar_exact_matches_statsmodels_and_a_textbook_table():

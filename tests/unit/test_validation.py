@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sinkguard.config import ConfirmationConfig, DetectorConfig
 from sinkguard.core.attention import uniform_share
+from sinkguard.core.confirmation import agreement, confirmed_sinks, longest_run
 from sinkguard.core.detection import SinkEvent
 from sinkguard.core.detector_search import TraceArrays, search_detector
-from sinkguard.core.validation import agreement, confirmed_sinks, longest_run
+from sinkguard.core.settings import ConfirmationConfig, DetectorConfig
 
 LAYERS, TOKENS, HEADS = 12, 160, 2
 

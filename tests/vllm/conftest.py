@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from served_policies import POLICIES  # tests/vllm is on sys.path (pytest prepends a test file's folder)
 
-from sinkguard.config import ServeConfig
+from sinkguard.serving.settings import ServeConfig
 
 MAX_TOKENS = 24
 API_KEY = "sk-sinkguard-test"  # the server runs with --api-key, as production servers do
@@ -23,14 +23,14 @@ ADMIN_TOKEN = "admin-sinkguard-test"  # and a separate admin token for sinkguard
 
 @pytest.fixture(scope="session")
 def served_profile():
-    from sinkguard.calibration import profile_for_model
+    from sinkguard.offline.calibration import profile_for_model
 
     return profile_for_model(None)
 
 
 @pytest.fixture(scope="session")
 def online_prompts(hf_model) -> list[list[int]]:
-    from sinkguard.prompts import default_prompts
+    from sinkguard.sources.prompts import default_prompts
 
     prompts = default_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=50, tokens=96)
     bos = hf_model.tokenizer.bos_token_id

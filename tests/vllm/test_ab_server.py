@@ -15,9 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from scipy.stats import chisquare
 
-from sinkguard.config import ABConfig, ServeConfig
 from sinkguard.engines.vllm.server import http_json
 from sinkguard.serving.ab import assign, read_log
+from sinkguard.serving.settings import ABConfig, ServeConfig
 
 API_KEY = "sk-ab-test"
 AB = ABConfig(arms={"none": 2, "act": 1, "remove": 1}, sticky="user", seed=7)
@@ -184,7 +184,7 @@ def test_every_request_is_logged_once_with_its_counts(experiment, split):
 
 
 def test_per_arm_metrics_and_the_report_agree_with_the_log(experiment, split, tmp_path):
-    from sinkguard.cli import main
+    from sinkguard.cli.main import main
 
     rows = wait_for_log(experiment, len(experiment.client.reached))
     with urllib.request.urlopen(experiment.base_url + "/metrics", timeout=30) as response:
@@ -287,7 +287,7 @@ def test_one_clients_policy_cannot_poison_other_tenants_or_hold_the_server(exper
 def test_an_arm_that_cannot_run_says_so_and_is_not_compared(experiment, split, tmp_path):
     """With the detector off, a request for arm act is served without its interventions: the response,
     its record and the A/B log say so, and the report counts it instead of comparing it to none."""
-    from sinkguard.cli import main
+    from sinkguard.cli.main import main
 
     client = experiment.client
     admin = {"Authorization": f"Bearer {API_KEY}"}  # no admin token: the API key administers

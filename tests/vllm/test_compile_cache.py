@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from sinkguard.config import ServeConfig
+from sinkguard.serving.settings import ServeConfig
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sinkguard.config import ServeConfig
+from sinkguard.serving.settings import ServeConfig
 
 SCRIPT = Path(__file__).with_name("mode_program.py")
 BLOCK = 32
@@ -54,7 +54,7 @@ def shared_prompts(online_prompts) -> list[list[int]]:
 @pytest.fixture(scope="module")
 def fresh_prompts(hf_model) -> list[list[int]]:
     """Texts no other prompt of the program starts with (nothing of them is cached at first)."""
-    from sinkguard.prompts import default_prompts
+    from sinkguard.sources.prompts import default_prompts
 
     prompts = default_prompts(lambda t: hf_model.tokenize(t, add_bos=False), count=56, tokens=96)[50:53]
     return [[hf_model.tokenizer.bos_token_id, *p.token_ids] for p in prompts]

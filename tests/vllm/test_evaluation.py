@@ -14,8 +14,8 @@ from sinkguard.evaluation.compare import compare
 from sinkguard.evaluation.html_report import eval_report_html
 from sinkguard.evaluation.runner import EvalRun, evaluate
 from sinkguard.evaluation.tasks import multiple_choice_prompt
-from sinkguard.policy import load_policies
-from sinkguard.selection import token_logprobs
+from sinkguard.interventions.policy import load_policies
+from sinkguard.offline.selection import token_logprobs
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,10 @@ import json
 import pytest
 import torch
 
-from sinkguard.config import ServeConfig
 from sinkguard.engines.hf.interventions import intervening
 from sinkguard.engines.vllm.offline import generate
-from sinkguard.policy import load_policies
+from sinkguard.interventions.policy import load_policies
+from sinkguard.serving.settings import ServeConfig
 
 pytestmark = pytest.mark.slow
 STEPS = 8

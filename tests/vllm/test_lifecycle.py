@@ -22,9 +22,9 @@ from pathlib import Path
 
 import pytest
 
-from sinkguard.config import ABConfig, FaultInjection, ServeConfig
 from sinkguard.engines.vllm.server import free_port, http_json
 from sinkguard.serving.ab import read_log
+from sinkguard.serving.settings import ABConfig, FaultInjection, ServeConfig
 
 pytestmark = pytest.mark.slow
 HERE = Path(__file__).parent

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from sinkguard.config import ScanConfig
+from sinkguard.core.settings import ScanConfig
 from sinkguard.engines.vllm.server import http_json
-from sinkguard.scanner import scan_prompt
+from sinkguard.offline.scanner import scan_prompt
 
 
 def complete(server, prompt: list[int], max_tokens: int = 24, **extra) -> tuple[int, dict]:

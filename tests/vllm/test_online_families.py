@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from sinkguard.config import ConfirmationConfig, ScanConfig, ServeConfig
+from sinkguard.core.confirmation import Agreement, agreement, confirmed_sinks
 from sinkguard.core.detection import SinkEvent
-from sinkguard.core.validation import Agreement, agreement, confirmed_sinks
-from sinkguard.scanner import scan_prompt
+from sinkguard.core.settings import ConfirmationConfig, ScanConfig
+from sinkguard.offline.scanner import scan_prompt
+from sinkguard.serving.settings import ServeConfig
 
 FAMILIES = ("default", "gemma3-270m")
 MAX_TOKENS = 8
@@ -32,10 +33,10 @@ def family_run(name: str, tmp_path_factory) -> dict:
     """The family's model, cached calibrated profile, held-out prompts and one offline vLLM run (once)."""
     if name in _RUNS:
         return _RUNS[name]
-    from sinkguard.calibration import profile_for_model
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.engines.vllm.offline import generate
-    from sinkguard.prompts import held_out_prompts
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.sources.prompts import held_out_prompts
 
     model = HFSinkModel.load(name)
     profile_path, profile = profile_for_model(name)

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import pytest
 
-from sinkguard.config import ServeConfig
 from sinkguard.engines.vllm.offline import generate
+from sinkguard.serving.settings import ServeConfig
 
 pytestmark = pytest.mark.slow
 

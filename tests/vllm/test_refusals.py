@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from sinkguard.config import ServeConfig
 from sinkguard.engines.vllm.plugin import enabled_config
 from sinkguard.engines.vllm.server import prepare_launch
 from sinkguard.errors import ConfigError
+from sinkguard.serving.settings import ServeConfig
 
 SCRIPT = Path(__file__).with_name("start_engine.py")
 
@@ -66,8 +66,8 @@ def test_engine_refuses_profile_of_other_weights(random_model_dir, serve_config)
 
 
 def test_profile_whose_detector_missed_its_targets_is_refused(served_profile):
+    from sinkguard.core.profile import SinkProfile
     from sinkguard.engines.vllm.plugin import check_profile_trust
-    from sinkguard.profile import SinkProfile
 
     path, profile = served_profile
     check_profile_trust(profile, ServeConfig(profile=str(path)))  # a validated profile is served

@@ -10,11 +10,11 @@ import pkgutil
 
 import pytest
 
-from sinkguard.config import ServeConfig
 from sinkguard.engines.vllm import plugin
+from sinkguard.engines.vllm.refusals import REFUSALS, check_engine_settings, compiled_mode, refused_settings
 from sinkguard.engines.vllm.server import ENFORCED_ARGS
-from sinkguard.engines.vllm.settings import REFUSALS, check_engine_settings, compiled_mode, refused_settings
 from sinkguard.errors import ConfigError
+from sinkguard.serving.settings import ServeConfig
 
 
 def engine_config(model_dir, **overrides):

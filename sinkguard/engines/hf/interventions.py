@@ -3,10 +3,10 @@ sinkguard's registered attention function; planned per forward call.
 
 Each forward call of the model is one "step" of one request: prefill (all prompt tokens) or a
 decode step with a KV cache. A pre-hook on the first decoder layer builds the step's plan with
-:func:`sinkguard.core.plan.build_plan` (positions continue from the tokens already seen); a hook
+:func:`sinkguard.interventions.plan.build_plan` (positions continue from the tokens already seen); a hook
 on each layer's MLP output (the architecture contract's module) runs
-:func:`~sinkguard.core.plan.edit_mlp_output`, and the attention function
-(``engines/hf/attention.py``) runs :func:`~sinkguard.core.plan.apply_attention_edits` on its
+:func:`~sinkguard.interventions.plan.edit_mlp_output`, and the attention function
+(``engines/hf/attention.py``) runs :func:`~sinkguard.interventions.plan.apply_attention_edits` on its
 output -- the same functions the vLLM adapter calls.
 """
 
@@ -18,8 +18,9 @@ from typing import Any
 
 import torch
 
-from sinkguard.architectures import mlp_output_module
-from sinkguard.core.attention_edits import (
+from sinkguard.engines.architectures import mlp_output_module
+from sinkguard.engines.hf.attention import intervening_attention
+from sinkguard.interventions.attention_edits import (
     AttentionEdit,
     SinkMemory,
     edit_heads,
@@ -27,7 +28,7 @@ from sinkguard.core.attention_edits import (
     kept_fraction,
     redistribute_probabilities,
 )
-from sinkguard.core.plan import (
+from sinkguard.interventions.plan import (
     AppliedEdit,
     RequestSlice,
     StepPlan,
@@ -36,8 +37,7 @@ from sinkguard.core.plan import (
     edit_mlp_output,
     formation_rules,
 )
-from sinkguard.engines.hf.attention import intervening_attention
-from sinkguard.policy import ModelScope, Policy, check_scope
+from sinkguard.interventions.policy import ModelScope, Policy, check_scope
 
 
 class HFIntervention:
@@ -88,7 +88,7 @@ class HFIntervention:
 
     def probability_transform(self, layer: int, window: int | None) -> Any:
         """For scans: the layer's edits on explicit attention probabilities, so the recorded sink mass
-        is the mass after the edit (see :func:`~sinkguard.core.attention_edits.redistribute_probabilities`)."""
+        is the mass after the edit (see :func:`~sinkguard.interventions.attention_edits.redistribute_probabilities`)."""
         edits = [(edit, edit_targets(edit, layer, self.memory, self.primary_position))
                  for edit in self.plan.attention.get(layer, [])]
         edits = [(edit, targets) for edit, targets in edits if targets.size]

@@ -14,13 +14,13 @@ from typing import Any
 
 import torch
 
-from sinkguard.architectures import ArchitectureContract, contract_for_config, decoder_layers, mlp_output_module
-from sinkguard.config import AttentionConfig
 from sinkguard.core.fingerprint import ModelInfo, model_info_from_config, module_identity
+from sinkguard.core.settings import AttentionConfig
 from sinkguard.core.trace import LayerStatistics, SequenceTrace, layer_statistics, stack_layers
+from sinkguard.engines.architectures import ArchitectureContract, contract_for_config, decoder_layers, mlp_output_module
 from sinkguard.engines.hf.attention import ATTENTION_IMPLEMENTATION, AttentionRecorder, recording
 from sinkguard.errors import InputError, ModelLoadError
-from sinkguard.models import ResolvedModel, resolve_model
+from sinkguard.sources.models import ResolvedModel, resolve_model
 
 
 @dataclass

@@ -19,9 +19,9 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from sinkguard.config import ABConfig
 from sinkguard.engines.vllm.arms import ARM_HEADER
 from sinkguard.serving.ab import ABLog, Decision, ResponseObserver, decide_arm, request_logprobs
+from sinkguard.serving.settings import ABConfig
 
 logger = logging.getLogger("sinkguard")
 
@@ -57,7 +57,7 @@ class ABTraffic:
         self.log = ABLog(config.log) if config.log else None
         self.metrics = None
         if metrics:
-            from sinkguard.metrics import ab_metrics
+            from sinkguard.serving.prometheus import ab_metrics
 
             self.metrics = ab_metrics()
         self._queue: list[dict[str, Any]] = []

@@ -1,7 +1,7 @@
 """``vllm.general_plugins`` entry point: loaded by vLLM in every process (API server, engine
 core, workers).
 
-Inert unless ``$SINKGUARD_CONFIG`` names a :class:`~sinkguard.config.ServeConfig` JSON file: a
+Inert unless ``$SINKGUARD_CONFIG`` names a :class:`~sinkguard.serving.settings.ServeConfig` JSON file: a
 multi-tenant server that merely has sinkguard installed is unchanged. When enabled it
 
 1. validates the config in every process, so a bad field fails server start-up naming it;
@@ -28,9 +28,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from sinkguard.config import ServeConfig, load_serve_config
 from sinkguard.errors import ConfigError
-from sinkguard.policy import NO_POLICY
+from sinkguard.interventions.policy import NO_POLICY
+from sinkguard.serving.settings import ServeConfig, load_serve_config
 
 logger = logging.getLogger("sinkguard")
 
@@ -67,7 +67,7 @@ def check_ab(ab: Any, policies: list[str]) -> None:
 
 def serve_policies(config: ServeConfig | None) -> Any:
     """The deployment's policy set (only ``none`` without a policy file)."""
-    from sinkguard.policy import PolicySet
+    from sinkguard.interventions.policy import PolicySet
 
     return PolicySet() if config is None or config.policies is None else _policy_file(config.policies)
 
@@ -75,7 +75,7 @@ def serve_policies(config: ServeConfig | None) -> Any:
 @functools.lru_cache(maxsize=4)
 def _policy_file(path: str) -> Any:
     """Read and check a policy file once per process (start-up validation and the runtime share it)."""
-    from sinkguard.policy import load_policies
+    from sinkguard.interventions.policy import load_policies
 
     try:
         return load_policies(path)
@@ -101,10 +101,10 @@ def check_profile_trust(profile: Any, config: ServeConfig) -> None:
 
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
+    from sinkguard.core.profile import SinkProfile
+    from sinkguard.engines.vllm.refusals import check_engine_settings, compiled_mode
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
-    from sinkguard.engines.vllm.settings import check_engine_settings, compiled_mode
-    from sinkguard.policy import ModelScope, check_scope
-    from sinkguard.profile import SinkProfile
+    from sinkguard.interventions.policy import ModelScope, check_scope
 
     vllm_config = runner.vllm_config
     check_engine_settings(vllm_config)
@@ -164,7 +164,7 @@ def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
     original = runner_cls.__dict__.get("load_model")
     if original is None or getattr(original, "_sinkguard_wrapped", False):
         return
-    from sinkguard.engines.vllm.settings import check_engine_settings
+    from sinkguard.engines.vllm.refusals import check_engine_settings
 
     @functools.wraps(original)
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:

@@ -44,7 +44,7 @@ from fastapi.responses import JSONResponse
 from sinkguard.engines.vllm.ab_traffic import ABTraffic, is_generation
 from sinkguard.engines.vllm.arms import ARM_HEADER, route_arm, with_arm_models
 from sinkguard.errors import ConfigError
-from sinkguard.policy import INLINE_POLICY, NO_POLICY
+from sinkguard.interventions.policy import INLINE_POLICY, NO_POLICY
 from sinkguard.serving.options import RequestOptions
 from sinkguard.serving.request_body import parse_json_body
 
@@ -254,7 +254,7 @@ class RequestOptionsMiddleware:
             config = enabled_config()
             traffic = None
             if config is not None and config.ab is not None:
-                from sinkguard.profile import SinkProfile
+                from sinkguard.core.profile import SinkProfile
 
                 policies, _ = _policies()
                 endpoints = self.endpoints
@@ -344,9 +344,9 @@ _POLICIES: list[Any] = []
 def _policies() -> tuple[Any, Any]:
     """The server's policy set and its model's scope, read once (the same file and code the workers use)."""
     if not _POLICIES:
+        from sinkguard.core.profile import SinkProfile
         from sinkguard.engines.vllm.plugin import enabled_config, serve_policies
-        from sinkguard.policy import ModelScope
-        from sinkguard.profile import SinkProfile
+        from sinkguard.interventions.policy import ModelScope
 
         config = enabled_config()
         scope = ModelScope.from_profile(SinkProfile.load(config.profile)) if config is not None else None

@@ -3,12 +3,12 @@ online detector.
 
 Installed by the plugin after the model runner has loaded the model (see ``plugin.py``). It only
 translates: vLLM's decoder layers return ``(mlp_contribution, residual)`` for every family of
-:mod:`sinkguard.architectures` (on Gemma the contribution is already post-normed, the same tensor
+:mod:`sinkguard.engines.architectures` (on Gemma the contribution is already post-normed, the same tensor
 the transformers adapter hooks), whose sum is the residual stream the paper's detector reads; the
 forward context says which rows of the flattened batch belong to which request. Detection is
 :mod:`sinkguard.core.online`; per-request records, their accounting (prefill, decode, recomputed
 after a preemption) and the fail-open guard are :mod:`sinkguard.serving`; metrics
-:mod:`sinkguard.metrics`. Engine settings it cannot observe are refused by ``settings.py``.
+:mod:`sinkguard.serving.prometheus`. Engine settings it cannot observe are refused by ``settings.py``.
 
 A step starts and ends around the runner's ``_model_forward`` (Python outside the model in every
 mode): the step's plan is built before the first layer and the detector reads the step's
@@ -37,12 +37,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from sinkguard.architectures import contract_for_config, decoder_layers
-from sinkguard.config import ServeConfig
-from sinkguard.core.attention_edits import AttentionEdit, SinkMemory
 from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
-from sinkguard.core.plan import (
+from sinkguard.core.profile import SinkProfile
+from sinkguard.engines.architectures import contract_for_config, decoder_layers
+from sinkguard.engines.vllm.refusals import compiled_mode
+from sinkguard.errors import ConfigError
+from sinkguard.interventions.attention_edits import AttentionEdit, SinkMemory
+from sinkguard.interventions.plan import (
     EMPTY_PLAN,
     AppliedEdit,
     RequestSlice,
@@ -52,14 +54,12 @@ from sinkguard.core.plan import (
     edit_mlp_output,
     formation_rules,
 )
-from sinkguard.engines.vllm.settings import compiled_mode
-from sinkguard.errors import ConfigError
-from sinkguard.policy import NO_POLICY, ModelScope, PolicySet
-from sinkguard.profile import SinkProfile
+from sinkguard.interventions.policy import NO_POLICY, ModelScope, PolicySet
 from sinkguard.serving.faults import FaultGuard, FaultInjector
 from sinkguard.serving.options import policy_cache_key
 from sinkguard.serving.prefix_events import PrefixEventStore
 from sinkguard.serving.records import RequestTracker
+from sinkguard.serving.settings import ServeConfig
 
 logger = logging.getLogger("sinkguard")
 
@@ -111,7 +111,7 @@ class VllmSinkRuntime:
         self.model_name = config.model_name or profile.model.name
         self.metrics = None
         if config.metrics and record:
-            from sinkguard.metrics import sink_metrics
+            from sinkguard.serving.prometheus import sink_metrics
 
             self.metrics = sink_metrics()
         self.policies = PolicySet() if policies is None else policies

@@ -50,8 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
-from sinkguard.config import ServeConfig
 from sinkguard.errors import ConfigError, ServerError
+from sinkguard.serving.settings import ServeConfig
 
 ENFORCED_ARGS = ("--no-async-scheduling",)
 ENFORCED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}

@@ -1,4 +1,4 @@
-"""Calibration: turn a per-prompt scan into a :class:`~sinkguard.profile.SinkProfile`.
+"""Calibration: turn a per-prompt scan into a :class:`~sinkguard.core.profile.SinkProfile`.
 
 With attention scores (the default) the detector's settings are chosen per model so that its
 hidden-state flags agree with attention-confirmed sinks (:mod:`sinkguard.core.detector_search`);
@@ -21,13 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
-from sinkguard.config import ScanConfig
 from sinkguard.core.detector_search import SearchResult, TraceArrays, search_detector
+from sinkguard.core.profile import FormingLayer, SinkProfile, new_meta
+from sinkguard.core.settings import ScanConfig
 from sinkguard.errors import InputError
-from sinkguard.profile import FormingLayer, SinkProfile, new_meta
-from sinkguard.prompts import Prompt
-from sinkguard.report import ScanResult
-from sinkguard.scanner import redetect, scan
+from sinkguard.offline.report import ScanResult
+from sinkguard.offline.scanner import redetect, scan
+from sinkguard.sources.prompts import Prompt
 
 logger = logging.getLogger("sinkguard")
 
@@ -151,8 +151,8 @@ def profile_for_model(model_spec: str | Path | None,
     from sinkguard.core.fingerprint import compare_identity
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.errors import ProfileError
-    from sinkguard.models import cache_dir, checkpoint_fingerprint, resolve_model
-    from sinkguard.prompts import default_prompts
+    from sinkguard.sources.models import cache_dir, checkpoint_fingerprint, resolve_model
+    from sinkguard.sources.prompts import default_prompts
 
     resolved = resolve_model(model_spec)
     identity = checkpoint_fingerprint(resolved.path)

@@ -4,7 +4,7 @@ look at while the experiment runs.
 Arms of a live experiment see *different* requests, so comparisons are two-sample: the difference
 of means with a bootstrap interval (:func:`scipy.stats.bootstrap`, independent samples), a
 permutation p-value, Holm across arms and metrics, and an always-valid mSPRT p-value
-(:func:`sinkguard.stats.msprt`) on the stream of differences between the i-th request of the arm
+(:func:`sinkguard.evaluation.stats.msprt`) on the stream of differences between the i-th request of the arm
 and the i-th request of the control in arrival order (the two-sample construction of Johari et
 al.), so repeated looks do not inflate false positives.
 """
@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from sinkguard.stats import holm, msprt
+from sinkguard.evaluation.stats import holm, msprt
 
 METRICS = {
     "latency_s": "end-to-end latency (s)",

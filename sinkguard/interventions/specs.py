@@ -11,7 +11,7 @@ re-implement the arithmetic, so both engines compute the same thing.
   MLP output norm at that layer; 0 zeroes it);
 - ``attention_redistribution`` (ACT) and ``first_token_scaling`` (ZeroTuning): scale the attention
   mass on the request's secondary sinks / on the primary sink by ``beta`` / ``gamma`` and give the
-  removed mass to the other keys in proportion (:mod:`sinkguard.core.redistribution`).
+  removed mass to the other keys in proportion (:mod:`sinkguard.interventions.redistribution`).
 
 Which tokens an MLP edit touches is decided *in the forward pass* by the formation signal at
 that layer (:func:`formation_rows`): the sink is born there, so the decision cannot wait for
@@ -25,7 +25,7 @@ from typing import Annotated, ClassVar, Literal
 import torch
 from pydantic import AfterValidator, Field, model_validator
 
-from sinkguard.config import WireModel
+from sinkguard.core.settings import WireModel
 
 Phase = Literal["prefill", "decode"]
 MAX_INDEX = 1 << 16  # no model has this many layers or heads; bounds what a request can name

@@ -2,11 +2,11 @@
 
 ACT (``attention_redistribution``) scales the attention a query gives to its request's
 *secondary sinks*; ZeroTuning (``first_token_scaling``) the attention it gives to the *primary*
-sink. The arithmetic is :func:`~sinkguard.core.redistribution.redistributed_attention` (stable
+sink. The arithmetic is :func:`~sinkguard.interventions.redistribution.redistributed_attention` (stable
 form, float32); this module decides what it acts on.
 
 Which secondary sinks a query at layer ``l`` is steered away from: the request's tokens whose MLP
-output fired the formation signal (:func:`~sinkguard.core.interventions.formation_rows`, the
+output fired the formation signal (:func:`~sinkguard.interventions.specs.formation_rows`, the
 profile's rule) at a forming layer *below* ``l`` -- in an earlier engine step (earlier prompt
 chunks, earlier decode steps) or in this step (its forming layers run before layer ``l``'s
 attention). A sink born at layer ``f`` is therefore targeted from layer ``f + 1`` on, for every
@@ -24,8 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from sinkguard.core.interventions import AttentionRedistribution, FirstTokenScaling, formation_rows, keep_finite
-from sinkguard.core.redistribution import redistributed_attention
+from sinkguard.interventions.redistribution import redistributed_attention
+from sinkguard.interventions.specs import AttentionRedistribution, FirstTokenScaling, formation_rows, keep_finite
 
 
 @dataclass

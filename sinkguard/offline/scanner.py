@@ -18,19 +18,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sinkguard.config import ScanConfig
 from sinkguard.core.aggregate import summarize
+from sinkguard.core.confirmation import agreement, confirmed_sinks
 from sinkguard.core.detection import detect_in_trace
+from sinkguard.core.settings import ScanConfig
 from sinkguard.core.trace import SequenceTrace
-from sinkguard.core.validation import agreement, confirmed_sinks
 from sinkguard.errors import InputError
-from sinkguard.prompts import Prompt, default_prompts
-from sinkguard.report import PromptScan, ScanResult
+from sinkguard.offline.report import PromptScan, ScanResult
+from sinkguard.sources.prompts import Prompt, default_prompts
 
 if TYPE_CHECKING:
+    from sinkguard.core.profile import SinkProfile
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.policy import Policy
-    from sinkguard.profile import SinkProfile
+    from sinkguard.interventions.policy import Policy
 
 
 def prompt_token_ids(model: HFSinkModel, prompt: Prompt | str, config: ScanConfig) -> list[int]:

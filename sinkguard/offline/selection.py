@@ -19,12 +19,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from sinkguard.core.interventions import AttentionRedistribution
-from sinkguard.policy import Policy
+from sinkguard.interventions.policy import Policy
+from sinkguard.interventions.specs import AttentionRedistribution
 
 if TYPE_CHECKING:
+    from sinkguard.core.profile import SinkProfile
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.profile import SinkProfile
 
 
 @torch.inference_mode()

@@ -19,8 +19,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:
-    from sinkguard.effects import PolicyEffect
-    from sinkguard.report import PromptScan, ScanResult
+    from sinkguard.offline.effects import PolicyEffect
+    from sinkguard.offline.report import PromptScan, ScanResult
 
 PRIMARY_COLOR = "#1f3b73"
 SECONDARY_COLOR = "#d1495b"

@@ -26,9 +26,9 @@ from typing import Any
 import pydantic
 from pydantic import Field, field_validator, model_validator
 
-from sinkguard.config import StrictModel, WireModel, describe_validation_error, validate_config
-from sinkguard.core.interventions import INTERVENTIONS, InterventionSpec
+from sinkguard.core.settings import StrictModel, WireModel, describe_validation_error, validate_config
 from sinkguard.errors import ConfigError
+from sinkguard.interventions.specs import INTERVENTIONS, InterventionSpec
 
 NO_POLICY = "none"
 INLINE_POLICY = "inline"  # the name a request's inline policy runs, is recorded and is counted under

@@ -9,11 +9,11 @@ from rich.console import Console
 from rich.table import Table
 
 if TYPE_CHECKING:
-    from sinkguard.config import ConfirmationConfig
-    from sinkguard.core.validation import Agreement
-    from sinkguard.effects import PolicyEffect
-    from sinkguard.profile import SinkProfile
-    from sinkguard.report import ScanResult
+    from sinkguard.core.confirmation import Agreement
+    from sinkguard.core.profile import SinkProfile
+    from sinkguard.core.settings import ConfirmationConfig
+    from sinkguard.offline.effects import PolicyEffect
+    from sinkguard.offline.report import ScanResult
 
 
 def _fmt(value: float | None, digits: int = 2) -> str:

@@ -8,7 +8,7 @@ score it would get if every query spread its attention evenly over the keys it s
 share), for at least ``layers`` consecutive layers, judged only where at least ``min_queries``
 queries see the key (a key near the end of a prompt has too few voters to say anything).
 
-Two grades are used (:class:`~sinkguard.config.ConfirmationConfig`): *strong* sinks (default
+Two grades are used (:class:`~sinkguard.core.settings.ConfirmationConfig`): *strong* sinks (default
 >= 10x for >= 6 layers), which the detector must find (recall: a flag of secondary or primary kind
 within ``match_distance`` positions), and *weak* sinks (>= 3x for >= 3 layers), which every sink
 flag must at least match, or it is *unexplained* (a false alarm). Noise-kind flags are counted
@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from sinkguard.config import ConfirmationConfig
 from sinkguard.core.attention import uniform_share, visible_queries
 from sinkguard.core.detection import SinkEvent
+from sinkguard.core.settings import ConfirmationConfig
 
 
 def uniform_ratio(head_scores: np.ndarray, windows: Sequence[int | None] | None, min_queries: int) -> np.ndarray:

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from sinkguard.core.attention_edits import (
+from sinkguard.interventions.attention_edits import (
     AttentionEdit,
     KeyReader,
     SinkMemory,
@@ -28,14 +28,14 @@ from sinkguard.core.attention_edits import (
     redistribute_group,
     watch_formations,
 )
-from sinkguard.core.interventions import (
+from sinkguard.interventions.policy import Policy
+from sinkguard.interventions.specs import (
     AttentionRedistribution,
     InterventionSpec,
     MlpProjectionRemoval,
     formation_rows,
     keep_finite,
 )
-from sinkguard.policy import Policy
 
 
 @dataclass(frozen=True)

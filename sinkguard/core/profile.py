@@ -21,8 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from safetensors.numpy import load_file, save_file
 
 from sinkguard._version import __version__
-from sinkguard.config import AttentionConfig, DetectorConfig, describe_validation_error
 from sinkguard.core.fingerprint import ModelInfo
+from sinkguard.core.settings import AttentionConfig, DetectorConfig, describe_validation_error
 from sinkguard.errors import ProfileError
 
 PROFILE_SCHEMA = "sinkguard.profile"

@@ -1,7 +1,7 @@
 """The scan report model: one scanned prompt, one scan result, and the versioned ``report.json``.
 
-Produced by :mod:`sinkguard.scanner`; read by :mod:`sinkguard.figures`, :mod:`sinkguard.terminal`
-and :mod:`sinkguard.calibration`. Figures are drawn from this model; it does not depend on them at
+Produced by :mod:`sinkguard.offline.scanner`; read by :mod:`sinkguard.offline.figures`, :mod:`sinkguard.cli.terminal`
+and :mod:`sinkguard.offline.calibration`. Figures are drawn from this model; it does not depend on them at
 import time (``save`` loads the plotting module only when asked for figures).
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 
 from sinkguard._version import __version__
-from sinkguard.config import ScanConfig
 from sinkguard.core.aggregate import ModelSummary, PromptResult
+from sinkguard.core.confirmation import Agreement, ConfirmedSinks
 from sinkguard.core.detection import Detection
 from sinkguard.core.fingerprint import ModelInfo
+from sinkguard.core.settings import ScanConfig
 from sinkguard.core.trace import SequenceTrace
-from sinkguard.core.validation import Agreement, ConfirmedSinks
 
 REPORT_SCHEMA = "sinkguard.scan"
 REPORT_SCHEMA_VERSION = 2  # 2: model.fingerprint covers a projection sample; model.fingerprints, weights_dtype
@@ -121,7 +121,7 @@ class ScanResult:
         report_path.write_text(json.dumps(self.to_report(), indent=1, ensure_ascii=False))
         written = [report_path]
         if figures:
-            from sinkguard.figures import write_scan_figures
+            from sinkguard.offline.figures import write_scan_figures
 
             written += write_scan_figures(self, out)
         return written

@@ -17,12 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from sinkguard.report import ScanResult
+from sinkguard.offline.report import ScanResult
 
 if TYPE_CHECKING:
+    from sinkguard.core.profile import SinkProfile
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.policy import Policy
-    from sinkguard.profile import SinkProfile
+    from sinkguard.interventions.policy import Policy
 
 
 @dataclass
@@ -93,7 +93,7 @@ def still_flagged(before: ScanResult, after: ScanResult) -> tuple[int, int]:
 
 def perplexity(model: HFSinkModel, prompts: Sequence[list[int]], policy: Policy | None = None,
                profile: SinkProfile | None = None) -> float:
-    from sinkguard.selection import mean_loglik
+    from sinkguard.offline.selection import mean_loglik
 
     return math.exp(-mean_loglik(model, prompts, policy, profile))
 

@@ -35,11 +35,11 @@ DEMO_POLICIES = {"default": "none", "policies": [
 
 
 def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: bool = True) -> None:
-    from sinkguard.calibration import choose_detector, profile_from_scan
+    from sinkguard.cli.terminal import print_profile_summary, print_scan_summary
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.prompts import default_prompts
-    from sinkguard.scanner import scan
-    from sinkguard.terminal import print_profile_summary, print_scan_summary
+    from sinkguard.offline.calibration import choose_detector, profile_from_scan
+    from sinkguard.offline.scanner import scan
+    from sinkguard.sources.prompts import default_prompts
 
     steps = 7 if serve else 4
     console.rule(f"1/{steps} embedded model")
@@ -69,11 +69,11 @@ def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: 
 
 
 def show_policy_effect(model, profile, prompts, out: Path, console: Console) -> None:
-    from sinkguard.config import ScanConfig
-    from sinkguard.effects import policy_effect
-    from sinkguard.figures import policy_effect as effect_figure
-    from sinkguard.policy import load_policies
-    from sinkguard.scanner import prompt_token_ids, scan
+    from sinkguard.core.settings import ScanConfig
+    from sinkguard.interventions.policy import load_policies
+    from sinkguard.offline.effects import policy_effect
+    from sinkguard.offline.figures import policy_effect as effect_figure
+    from sinkguard.offline.scanner import prompt_token_ids, scan
 
     policy = load_policies(out.parent / "policies.json").get("act")
     config = ScanConfig()
@@ -103,8 +103,8 @@ DEMO_AB = {"arms": {"none": 1, "act": 1}, "sticky": "user", "seed": 0}
 @contextmanager
 def demo_server(model, profile_path: Path, policies: Path, workdir: Path, console: Console) -> Iterator[Any]:
     """A sinkguard server for the demo's steps 5-7: the profile, the policies and a live A/B experiment."""
-    from sinkguard.config import ABConfig, ServeConfig
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.serving.settings import ABConfig, ServeConfig
 
     ab = ABConfig(**DEMO_AB, log=str(workdir / "ab.jsonl"))
     config = ServeConfig(profile=str(profile_path), policies=str(policies), ab=ab)
@@ -172,8 +172,8 @@ def live_ab(server, workdir: Path, console: Console, users: int = 24) -> None:
     """Traffic from ``users`` users (two chat turns each) that selects no arm: the server assigns
     one per user by weight; then the experiment's report from its log."""
     from sinkguard.engines.vllm.server import http_json
+    from sinkguard.evaluation.ab_report import ab_report
     from sinkguard.evaluation.html_report import ab_report_html, write_html
-    from sinkguard.evaluation.live import ab_report
     from sinkguard.evaluation.summary import print_ab_report
     from sinkguard.serving.ab import read_log
 

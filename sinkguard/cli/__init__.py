@@ -1,0 +1,1 @@
+"""The ``sinkguard`` command line: one module per command group, the demo, and terminal output."""
