@@ -1,6 +1,6 @@
 """Greedy outputs of sinkguard (observe-only) vs plain vLLM, both in vLLM's default mode, one batch.
 
-Both engines are offline vLLM engines (``sinkguard.engines.vllm.offline``) given the same 50 prompts
+Both engines are offline vLLM engines (``tests/harness/offline_engine.py``) given the same 50 prompts
 of the built-in text in one ``generate`` call, so the batching is identical; torch.compile and
 prefix caching on. Per dtype: how many of the greedy continuations are identical, and where the
 others first differ.
@@ -12,15 +12,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the offline-engine harness
 
 DEFAULT_MODE = {"enforce_eager": False, "enable_prefix_caching": True}
 
 
 def main() -> None:
+    from harness.offline_engine import generate
+
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.engines.vllm.offline import generate
     from sinkguard.offline.calibration import profile_for_model
     from sinkguard.serving.settings import ServeConfig
     from sinkguard.sources.prompts import default_prompts

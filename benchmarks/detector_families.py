@@ -15,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the offline-engine harness
 
 import numpy as np
 
@@ -36,8 +39,9 @@ def random_qwen3(folder: Path, tokenizer) -> Path:
 
 
 def online_agreement(model, profile_path: Path, profile, prompts: list[list[int]], folder: Path) -> float | None:
+    from harness.offline_engine import generate
+
     from sinkguard.core.settings import ScanConfig
-    from sinkguard.engines.vllm.offline import generate
     from sinkguard.offline.scanner import scan_prompt
     from sinkguard.serving.settings import ServeConfig
 

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
-from served_policies import POLICIES  # tests/vllm is on sys.path (pytest prepends a test file's folder)
+from harness.served_policies import POLICIES
 
 from sinkguard.serving.settings import ServeConfig
 
@@ -39,7 +39,7 @@ def online_prompts(hf_model) -> list[list[int]]:
 
 def generate_offline(model_dir: Path, prompts: list[list[int]], folder: Path, config: Path | None = None) -> dict:
     """Greedy generation in a separate process with an offline vLLM engine (float32)."""
-    from sinkguard.engines.vllm.offline import generate
+    from harness.offline_engine import generate
 
     return generate(model_dir, prompts, folder, MAX_TOKENS, config)
 

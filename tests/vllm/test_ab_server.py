@@ -59,7 +59,7 @@ class Client:
 
 @pytest.fixture(scope="module")
 def experiment(hf_model, served_profile, tmp_path_factory):
-    from served_policies import POLICIES
+    from harness.served_policies import POLICIES
 
     from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
 

@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import script
 
 from sinkguard.serving.settings import ServeConfig
 
@@ -40,12 +41,12 @@ def cache_lines(log: str) -> str:
 
 
 def start_engine(model_dir: Path, prompts: list[list[int]], folder: Path, config: Path, cache_root: Path) -> tuple:
-    """One offline engine (``sinkguard.engines.vllm.offline``) in its own process: (out.json, its log)."""
+    """One offline engine (``tests/harness/offline_engine.py``) in its own process: (out.json, its log)."""
     folder.mkdir(parents=True)
     (folder / "prompts.json").write_text(json.dumps(prompts))
     (folder / "engine.json").write_text(json.dumps({"enforce_eager": False, "dtype": "bfloat16"}))
     env = {**os.environ, "VLLM_CACHE_ROOT": str(cache_root), "VLLM_CPU_KVCACHE_SPACE": "1"}
-    command = [sys.executable, "-m", "sinkguard.engines.vllm.offline", str(model_dir), str(folder / "prompts.json"),
+    command = [sys.executable, str(script("offline_engine")), str(model_dir), str(folder / "prompts.json"),
                str(folder / "out.json"), "8", str(config)]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     log = proc.stdout + proc.stderr

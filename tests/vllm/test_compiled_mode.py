@@ -1,6 +1,6 @@
 """sinkguard in vLLM's default mode: torch.compile'd model (Dynamo + Inductor on CPU) and prefix caching.
 
-Three engines run the same fixed program (``mode_program.py``), float32: plain vLLM in default mode,
+Three engines run the same fixed program (``tests/harness/mode_program.py``), float32: plain vLLM in default mode,
 sinkguard in default mode, and sinkguard in eager mode without prefix caching (the debugging path,
 the reference for events and interventions). KV blocks of 32 tokens, so the 97-token prompts leave
 whole blocks in the prefix cache.
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from harness import script
 
 from sinkguard.serving.settings import ServeConfig
 
-SCRIPT = Path(__file__).with_name("mode_program.py")
+SCRIPT = script("mode_program")
 BLOCK = 32
 MAX_TOKENS = 24
 DEFAULT_MODE = {"enforce_eager": False, "enable_prefix_caching": True, "block_size": BLOCK}

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
+from harness.offline_engine import generate
 
 from sinkguard.engines.hf.interventions import intervening
-from sinkguard.engines.vllm.offline import generate
 from sinkguard.interventions.policy import load_policies
 from sinkguard.serving.settings import ServeConfig
 
@@ -35,7 +35,7 @@ def hf_greedy(hf_model, prompt: list[int], policy, profile) -> tuple[list[int], 
 
 
 def policies_with_inline() -> dict:
-    from served_policies import POLICIES
+    from harness.served_policies import POLICIES
 
     return {**POLICIES, "allow_inline": True}
 

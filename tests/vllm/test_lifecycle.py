@@ -21,13 +21,13 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from harness import TESTS
 
 from sinkguard.engines.vllm.server import free_port, http_json
 from sinkguard.serving.ab import read_log
 from sinkguard.serving.settings import ABConfig, FaultInjection, ServeConfig
 
 pytestmark = pytest.mark.slow
-HERE = Path(__file__).parent
 
 
 def descendants(pid: int) -> set[int]:
@@ -338,8 +338,8 @@ def test_seeded_chunked_prefill_is_served_and_an_engine_death_exits_non_zero(
 
 def test_serve_refuses_a_worker_running_without_the_detector(hf_model, served_profile, tmp_path):
     serve = Serve(hf_model.source.path, served_profile[0], tmp_path,
-                  extra=["--worker-cls", "unobserved_worker.UnobservedWorker"],
-                  env={"PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])})
+                  extra=["--worker-cls", "harness.unobserved_worker.UnobservedWorker"],
+                  env={"PYTHONPATH": os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])})
     tree: set[int] = set()
     deadline = time.time() + 600
     while serve.process.poll() is None and time.time() < deadline:

@@ -33,8 +33,9 @@ def family_run(name: str, tmp_path_factory) -> dict:
     """The family's model, cached calibrated profile, held-out prompts and one offline vLLM run (once)."""
     if name in _RUNS:
         return _RUNS[name]
+    from harness.offline_engine import generate
+
     from sinkguard.engines.hf.runner import HFSinkModel
-    from sinkguard.engines.vllm.offline import generate
     from sinkguard.offline.calibration import profile_for_model
     from sinkguard.sources.prompts import held_out_prompts
 
@@ -90,7 +91,7 @@ def test_online_sink_flags_are_attention_sinks(family):
 
 def test_gemma_greedy_outputs_identical_to_plain_vllm(tmp_path_factory):
     """(The embedded model's identity is checked on 50 prompts in test_online.py.)"""
-    from sinkguard.engines.vllm.offline import generate
+    from harness.offline_engine import generate
 
     family = family_run("gemma3-270m", tmp_path_factory)
     plain = generate(family["model"].source.path, family["prompts"], family["folder"] / "plain", MAX_TOKENS)

@@ -5,8 +5,8 @@ of an engine that never preempted."""
 from __future__ import annotations
 
 import pytest
+from harness.offline_engine import generate
 
-from sinkguard.engines.vllm.offline import generate
 from sinkguard.serving.settings import ServeConfig
 
 pytestmark = pytest.mark.slow

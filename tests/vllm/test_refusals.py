@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
+from harness import script
 
 from sinkguard.engines.vllm.plugin import enabled_config
 from sinkguard.engines.vllm.server import prepare_launch
 from sinkguard.errors import ConfigError
 from sinkguard.serving.settings import ServeConfig
 
-SCRIPT = Path(__file__).with_name("start_engine.py")
+SCRIPT = script("start_engine")
 
 
 def start_engine(model_dir: Path, config_path: Path, **overrides) -> subprocess.CompletedProcess:

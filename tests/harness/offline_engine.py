@@ -1,8 +1,8 @@
 """Greedy generation through an offline vLLM engine, optionally with sinkguard detecting, in a
 separate process (vLLM spawns workers, and one engine per process keeps tests and benchmarks from
-sharing state):
+sharing state). A test and benchmark harness, not package API:
 
-    python -m sinkguard.engines.vllm.offline MODEL_DIR PROMPTS.json OUT.json MAX_TOKENS [SINKGUARD_CONFIG]
+    python tests/harness/offline_engine.py MODEL_DIR PROMPTS.json OUT.json MAX_TOKENS [SINKGUARD_CONFIG]
 
 PROMPTS.json holds token-id lists. Without SINKGUARD_CONFIG the plugin stays inert (plain vLLM);
 with it, OUT.json also holds each request's sink record (``{"tokens", "records"}``). Float32,
@@ -30,7 +30,7 @@ def generate(model_dir: Path, prompts: list[list[int]], folder: Path, max_tokens
     (folder / "prompts.json").write_text(json.dumps(prompts))
     (folder / "engine.json").write_text(json.dumps(engine_args or {}))
     (folder / "extra_args.json").write_text(json.dumps(extra_args or [None] * len(prompts)))
-    command = [sys.executable, "-m", __name__, str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
+    command = [sys.executable, __file__, str(model_dir), str(folder / "prompts.json"), str(folder / "out.json"),
                str(max_tokens)] + ([str(serve_config)] if serve_config else [])
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
