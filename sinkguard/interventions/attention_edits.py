@@ -89,7 +89,7 @@ class SinkMemory:
 
 
 def watch_formations(layer: int, mlp_out: torch.Tensor, watches: list[Watch], rule, memory: SinkMemory,
-                     primary_position: int) -> None:
+                     reference_position: int) -> None:
     """Remember the watched requests' tokens that the formation signal flags at ``layer`` (rows of
     ``mlp_out`` [N, d], read before any edit). One pass over all watched rows of the step."""
     spans = [np.arange(w.start, w.end) for w in watches]
@@ -105,13 +105,13 @@ def watch_formations(layer: int, mlp_out: torch.Tensor, watches: list[Watch], ru
         start += span.size
         if flagged.size:
             positions = watch.first_position + flagged
-            memory.flag(watch.key, positions[positions != primary_position], layer)
+            memory.flag(watch.key, positions[positions != reference_position], layer)
 
 
-def edit_targets(edit: AttentionEdit, layer: int, memory: SinkMemory, primary_position: int) -> np.ndarray:
+def edit_targets(edit: AttentionEdit, layer: int, memory: SinkMemory, reference_position: int) -> np.ndarray:
     """Key positions whose attention ``edit`` scales at ``layer``."""
     if isinstance(edit.intervention, FirstTokenScaling):
-        return np.array([primary_position], dtype=np.int64)
+        return np.array([reference_position], dtype=np.int64)
     return memory.targets(edit.key, layer)
 
 

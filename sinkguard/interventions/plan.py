@@ -102,10 +102,10 @@ def _phase_rows(piece: RequestSlice, phases: list[str]) -> np.ndarray:
     return rows[keep]
 
 
-def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_position: int = 0,
+def build_plan(pieces: list[RequestSlice], forming_layers: list[int], reference_position: int = 0,
                num_layers: int | None = None) -> StepPlan:
     """The step's plan for requests ``pieces`` (requests without interventions add nothing). The
-    primary sink (``primary_position``, the profile's reference) is never edited by an MLP edit: it
+    primary sink (``reference_position``, the profile's reference) is never edited by an MLP edit: it
     forms at an early MLP too, and the formation signal would pick it. Attention edits without
     ``layers`` act in every layer (``num_layers``)."""
     grouped: dict[tuple[int, str, int], list[tuple[RequestSlice, np.ndarray]]] = {}
@@ -131,7 +131,7 @@ def build_plan(pieces: list[RequestSlice], forming_layers: list[int], primary_po
         requests = np.concatenate([np.full(r.shape, p.index) for p, r in parts])
         positions = np.concatenate([p.first_position + (r - p.start) for p, r in parts])
         all_tokens = isinstance(spec, MlpProjectionRemoval) and spec.tokens == "all_non_primary"
-        keep = positions != primary_position
+        keep = positions != reference_position
         rows, requests, positions = rows[keep], requests[keep], positions[keep]
         if rows.size == 0:
             continue
@@ -178,15 +178,15 @@ class AppliedEdit:
 
 
 def edit_mlp_output(layer: int, mlp_out: torch.Tensor, plan: StepPlan, rule: FormationRule, memory: SinkMemory,
-                    primary_position: int) -> list[AppliedEdit]:
+                    reference_position: int) -> list[AppliedEdit]:
     """What both engines do with a layer's MLP output ``mlp_out`` [N, d]: remember the watched
     requests' newly formed sinks (read before any edit), then apply the planned MLP edits in place."""
     if layer in plan.watch_layers:
-        watch_formations(layer, mlp_out, plan.watches, rule, memory, primary_position)
+        watch_formations(layer, mlp_out, plan.watches, rule, memory, reference_position)
     return apply_mlp_edits(layer, mlp_out, plan, rule)
 
 
-def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primary_position: int, scale: float,
+def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, reference_position: int, scale: float,
                           window: int | None, query: torch.Tensor, out: torch.Tensor, read: KeyReader,
                           num_kv_heads: int) -> list[AppliedEdit]:
     """Apply the planned attention edits at ``layer`` to ``out`` [N, H, D] (the attention output of
@@ -199,7 +199,7 @@ def apply_attention_edits(layer: int, plan: StepPlan, memory: SinkMemory, primar
         return []
     groups: dict[tuple[int, int], list[tuple[AttentionEdit, np.ndarray]]] = {}
     for edit in edits:
-        targets = edit_targets(edit, layer, memory, primary_position)
+        targets = edit_targets(edit, layer, memory, reference_position)
         if targets.size:
             groups.setdefault((id(edit.intervention), edit.end - edit.start), []).append((edit, targets))
     applied = []

@@ -62,8 +62,8 @@ class RequestRecord:
     cached_prefix_unknown_tokens: int = 0  # of those, tokens whose events were no longer kept (never guessed)
     events: list[dict[str, Any]] = field(default_factory=list)
     events_dropped: int = 0
-    policy: str = "none"
-    policy_spec: Any = field(default=None, repr=False)  # the resolved Policy (None: no interventions)
+    policy_name: str = "none"  # the policy the request runs (``inline`` for its own), as recorded and counted
+    interventions_policy: Any = field(default=None, repr=False)  # its resolved Policy; None: nothing to edit
     interventions: list[dict[str, Any]] = field(default_factory=list)  # edits that fired (bounded like events)
     interventions_applied: Counter = field(default_factory=Counter)  # by intervention kind
     nonfinite_edits: int = 0  # token edits skipped because their result was not finite (the token kept its value)
@@ -111,7 +111,7 @@ class RequestRecord:
     def policy_interrupted(self, reason: str) -> None:
         """Some of this request's tokens ran without its policy (detector off, a faulted step, an edit
         skipped): say so, the first reason kept. Nothing to say for a request without interventions."""
-        if self.policy_spec is not None and self.unapplied is None:
+        if self.interventions_policy is not None and self.unapplied is None:
             self.unapplied = reason
 
     @property
@@ -137,7 +137,7 @@ class RequestRecord:
             "events_total": len(self.events),
             "events_offset": offset,
             "events": [dict(e) for e in self.events[offset:end]],
-            "policy": self.policy,
+            "policy": self.policy_name,
             "applied": self.unapplied is None,
             "unapplied_reason": self.unapplied,
             "nonfinite_edits": self.nonfinite_edits,
@@ -153,7 +153,7 @@ def summarize(records: list[RequestRecord]) -> dict[str, Any]:
     for record in records:
         kinds.update(record.kinds)
         applied.update(record.interventions_applied)
-    return {"policy": records[0].policy if records else None,
+    return {"policy": records[0].policy_name if records else None,
             "prompt_tokens": records[0].prompt_tokens if records else None,
             "tokens_scanned": sum(r.prefill_tokens_scanned + r.decode_tokens_scanned for r in records),
             "unscanned_steps": sum(r.unscanned_steps for r in records),

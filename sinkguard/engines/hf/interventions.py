@@ -51,7 +51,7 @@ class HFIntervention:
         self.num_layers = profile.model.num_layers
         self.num_heads = profile.model.num_heads
         self.forming_layers = [f.layer for f in profile.meta.forming_layers]
-        self.primary_position = profile.reference_position
+        self.reference_position = profile.reference_position
         self.memory = SinkMemory()
         self.tokens_seen = 0
         self.plan = StepPlan()
@@ -59,7 +59,7 @@ class HFIntervention:
 
     def start(self, num_tokens: int) -> None:
         piece = RequestSlice(0, 0, num_tokens, self.tokens_seen, self.prompt_tokens, self.policy)
-        self.plan = build_plan([piece], self.forming_layers, self.primary_position, self.num_layers)
+        self.plan = build_plan([piece], self.forming_layers, self.reference_position, self.num_layers)
         self.tokens_seen += num_tokens
 
     def edit(self, layer: int, mlp_out: torch.Tensor) -> torch.Tensor:
@@ -67,7 +67,7 @@ class HFIntervention:
         if self.plan.empty:
             return mlp_out
         flat = mlp_out.reshape(-1, mlp_out.shape[-1]).clone()
-        self.applied += edit_mlp_output(layer, flat, self.plan, self.rules[layer], self.memory, self.primary_position)
+        self.applied += edit_mlp_output(layer, flat, self.plan, self.rules[layer], self.memory, self.reference_position)
         return flat.view_as(mlp_out)
 
     def attend(self, layer: int, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, output: torch.Tensor,
@@ -82,14 +82,14 @@ class HFIntervention:
             keys, values = key[0, kv_heads, None], value[0, kv_heads, None]
             return keys.expand(-1, count, -1, -1), values.expand(-1, count, -1, -1), torch.full((count,), key.shape[2])
 
-        self.applied += apply_attention_edits(layer, self.plan, self.memory, self.primary_position, scale, window,
+        self.applied += apply_attention_edits(layer, self.plan, self.memory, self.reference_position, scale, window,
                                               query[0].transpose(0, 1), out, read, key.shape[1])
         return out[None]
 
     def probability_transform(self, layer: int, window: int | None) -> Any:
         """For scans: the layer's edits on explicit attention probabilities, so the recorded sink mass
         is the mass after the edit (see :func:`~sinkguard.interventions.attention_edits.redistribute_probabilities`)."""
-        edits = [(edit, edit_targets(edit, layer, self.memory, self.primary_position))
+        edits = [(edit, edit_targets(edit, layer, self.memory, self.reference_position))
                  for edit in self.plan.attention.get(layer, [])]
         edits = [(edit, targets) for edit, targets in edits if targets.size]
         if not edits:

@@ -117,7 +117,7 @@ class VllmSinkRuntime:
         self.policies = PolicySet() if policies is None else policies
         self.rules = formation_rules(profile)
         self.forming_layers = [f.layer for f in profile.meta.forming_layers]
-        self.primary_position = profile.reference_position
+        self.reference_position = profile.reference_position
         self.scope = ModelScope.from_profile(profile)
         self.memory = SinkMemory()  # per request: its secondary sinks so far (attention edits target them)
         # attention implementations are wrapped only if some request may edit attention
@@ -310,14 +310,14 @@ class VllmSinkRuntime:
         chosen = []
         for i, request_id in enumerate(request_ids):
             record = live.get(request_id) or self._first_sight(request_id)
-            if record.policy_spec is not None:
+            if record.interventions_policy is not None:
                 chosen.append((i, record))
         if not chosen:
             return EMPTY_PLAN
         firsts = self._positions[torch.from_numpy(query_start[:-1]).to(self._positions.device)].tolist()
         pieces = [RequestSlice(i, int(query_start[i]), int(query_start[i + 1]), int(firsts[i]), record.prompt_tokens,
-                               record.policy_spec, request_ids[i]) for i, record in chosen]
-        return build_plan(pieces, self.forming_layers, self.primary_position, len(self.rules))
+                               record.interventions_policy, request_ids[i]) for i, record in chosen]
+        return build_plan(pieces, self.forming_layers, self.reference_position, len(self.rules))
 
     def _on_op(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
         """The registered op's handler (compiled mode): counted, so a graph without the op is caught."""
@@ -333,7 +333,7 @@ class VllmSinkRuntime:
                 self.injector.maybe_raise("layer")
             if not self._plan.empty:  # edits land before the detector reads them
                 self._applied(edit_mlp_output(index, mlp_out, self._plan, self.rules[index], self.memory,
-                                              self.primary_position))
+                                              self.reference_position))
             self.detector.observe(index, mlp_out, residual)
             self._elapsed += time.perf_counter() - start
         except Exception as exc:
@@ -382,7 +382,7 @@ class VllmSinkRuntime:
                                metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)), kv_heads)
 
         out = output.view(output.shape[0], impl.num_heads, -1)
-        return apply_attention_edits(index, self._plan, self.memory, self.primary_position, impl.scale,
+        return apply_attention_edits(index, self._plan, self.memory, self.reference_position, impl.scale,
                                      attention_window(impl), query.view(query.shape[0], impl.num_heads, -1), out,
                                      read, impl.num_kv_heads)
 
@@ -561,13 +561,13 @@ class VllmSinkRuntime:
         except ConfigError as exc:  # the API server answers 400; offline engines have no API server
             logger.warning("sinkguard: request %s is served without interventions: %s", request_id, exc)
             policy = self.policies.get(NO_POLICY)
-        record.policy = policy.name
-        record.policy_spec = policy if policy.interventions else None  # None: nothing to plan
+        record.policy_name = policy.name
+        record.interventions_policy = policy if policy.interventions else None  # None: nothing to plan
         if request_id in self._started_unobserved:
             self._started_unobserved.discard(request_id)
             record.policy_interrupted("detection was off when the request started")
         if self.prefix_store is not None and state is not None:
-            self.prefix_store.begin(request_id, policy_cache_key(record.policy_spec))
+            self.prefix_store.begin(request_id, policy_cache_key(record.interventions_policy))
             if state.num_computed_tokens > 0:
                 self._cached_prefix(record, state.num_computed_tokens)
         return record
