@@ -4,6 +4,7 @@ Python API (offline)::
 
     import sinkguard
     result = sinkguard.scan(prompts=["..."])          # embedded model by default
+    sinkguard.write_scan(result, "runs/scan")         # report.json + figures
     profile, _ = sinkguard.calibrate(out="profile/")
     profile = sinkguard.SinkProfile.load("profile/")
 """
@@ -22,6 +23,13 @@ def scan(*args, **kwargs):
     return _scan(*args, **kwargs)
 
 
+def write_scan(*args, **kwargs):
+    """See :func:`sinkguard.offline.figures.write_scan` (report.json and the figures)."""
+    from sinkguard.offline.figures import write_scan as _write_scan
+
+    return _write_scan(*args, **kwargs)
+
+
 def calibrate(*args, **kwargs):
     """See :func:`sinkguard.offline.calibration.calibrate`."""
     from sinkguard.offline.calibration import calibrate as _calibrate
@@ -32,4 +40,5 @@ def calibrate(*args, **kwargs):
 __all__ = [
     "AttentionConfig", "ConfigError", "DetectorConfig", "InputError", "LifetimeRule", "ModelLoadError",
     "ProfileError", "ScanConfig", "SinkEvent", "SinkProfile", "SinkguardError", "__version__", "calibrate", "scan",
+    "write_scan",
 ]

@@ -38,6 +38,7 @@ def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: 
     from sinkguard.cli.terminal import print_profile_summary, print_scan_summary
     from sinkguard.engines.hf.runner import HFSinkModel
     from sinkguard.offline.calibration import choose_detector, profile_from_scan
+    from sinkguard.offline.figures import write_scan
     from sinkguard.offline.scanner import scan
     from sinkguard.sources.prompts import default_prompts
 
@@ -48,7 +49,7 @@ def run_demo(out: Path, num_prompts: int, tokens: int, console: Console, serve: 
     console.rule(f"2/{steps} offline scan")
     prompts = default_prompts(lambda t: model.tokenize(t, add_bos=False), count=num_prompts, tokens=tokens)
     result = scan(model, prompts)
-    written = result.save(out / "scan")
+    written = write_scan(result, out / "scan")
     print_scan_summary(result, console)
     console.print("wrote " + ", ".join(str(p) for p in written))
     console.rule(f"3/{steps} sink profile")

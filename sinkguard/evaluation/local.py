@@ -54,7 +54,7 @@ class LocalArmClient:
     @torch.inference_mode()
     def prompt_logprobs(self, prompt: str | list[int]) -> PromptLogprobs:
         """Log-probability of every prompt token given the ones before (the first is None)."""
-        from sinkguard.offline.selection import token_logprobs
+        from sinkguard.engines.hf.likelihood import token_logprobs
 
         ids = self._ids(prompt)
         with self._lock:

@@ -113,6 +113,25 @@ class PolicySet(StrictModel):
     def names(self) -> list[str]:
         return [p.name for p in self.policies]
 
+    def save(self, path: Path | str) -> Path:
+        """Write this set as a policy file (YAML) that :func:`load_policies` reads back unchanged;
+        settings left at their defaults are omitted, so the file shows what was chosen."""
+        import yaml
+
+        data = self.model_dump(exclude_defaults=True, exclude={"policies"})
+        data["policies"] = [policy.model_dump(exclude_defaults=True) | {
+            "interventions": [_spec_fields(spec) for spec in policy.interventions]} for policy in self.policies]
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump(data, sort_keys=False))
+        return path
+
+
+def _spec_fields(spec: InterventionSpec) -> dict[str, Any]:
+    """Every field of an intervention, its phases only when they are not the default (both)."""
+    default_phases = type(spec).model_fields["phases"].default
+    return spec.model_dump(exclude={"phases"} if spec.phases == default_phases else set())
+
 
 @dataclass(frozen=True)
 class ModelScope:

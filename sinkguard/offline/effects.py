@@ -93,7 +93,7 @@ def still_flagged(before: ScanResult, after: ScanResult) -> tuple[int, int]:
 
 def perplexity(model: HFSinkModel, prompts: Sequence[list[int]], policy: Policy | None = None,
                profile: SinkProfile | None = None) -> float:
-    from sinkguard.offline.selection import mean_loglik
+    from sinkguard.engines.hf.likelihood import mean_loglik
 
     return math.exp(-mean_loglik(model, prompts, policy, profile))
 

@@ -181,6 +181,11 @@ def formation(result: ScanResult, path: Path) -> Path:
     return path
 
 
+def write_scan(result: ScanResult, out_dir: Path | str, figures: bool = True) -> list[Path]:
+    """A scan's published output: ``report.json`` and (``figures``) every figure; the written paths."""
+    return result.save(out_dir) + (write_scan_figures(result, Path(out_dir)) if figures else [])
+
+
 def write_scan_figures(result: ScanResult, out_dir: Path) -> list[Path]:
     out_dir = Path(out_dir)
     made = [

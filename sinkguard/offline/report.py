@@ -1,8 +1,8 @@
 """The scan report model: one scanned prompt, one scan result, and the versioned ``report.json``.
 
-Produced by :mod:`sinkguard.offline.scanner`; read by :mod:`sinkguard.offline.figures`, :mod:`sinkguard.cli.terminal`
-and :mod:`sinkguard.offline.calibration`. Figures are drawn from this model; it does not depend on them at
-import time (``save`` loads the plotting module only when asked for figures).
+Produced by :mod:`sinkguard.offline.scanner`; read by :mod:`sinkguard.offline.figures`,
+:mod:`sinkguard.cli.terminal` and :mod:`sinkguard.offline.calibration`. Figures are drawn from this
+model by their callers; the model knows nothing of plotting.
 """
 
 from __future__ import annotations
@@ -113,15 +113,11 @@ class ScanResult:
             "prompts": [p.to_dict() for p in self.prompts],
         })
 
-    def save(self, out_dir: Path | str, figures: bool = True) -> list[Path]:
-        """Write ``report.json`` (and the figures) into ``out_dir``; return the written paths."""
+    def save(self, out_dir: Path | str) -> list[Path]:
+        """Write ``report.json`` into ``out_dir``; return the written paths. Figures are drawn by
+        their callers (:func:`sinkguard.offline.figures.write_scan`): the model does not render itself."""
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         report_path = out / "report.json"
         report_path.write_text(json.dumps(self.to_report(), indent=1, ensure_ascii=False))
-        written = [report_path]
-        if figures:
-            from sinkguard.offline.figures import write_scan_figures
-
-            written += write_scan_figures(self, out)
-        return written
+        return [report_path]

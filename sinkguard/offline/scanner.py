@@ -2,7 +2,7 @@
 
     from sinkguard import scan
     result = scan(prompts=["The cat sat on the mat."])
-    result.save("runs/scan")            # report.json + figures
+    write_scan(result, "runs/scan")     # report.json + figures (sinkguard.offline.figures)
     result.prompts[0].detection.events  # SinkEvent list
 
 Per prompt, one forward pass records the trace (hidden-state statistics and, optionally,

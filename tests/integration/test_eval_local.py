@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from sinkguard.engines.hf.likelihood import token_logprobs
 from sinkguard.errors import ConfigError
 from sinkguard.evaluation import build_tasks
 from sinkguard.evaluation.compare import compare
@@ -12,7 +13,6 @@ from sinkguard.evaluation.local import local_clients
 from sinkguard.evaluation.runner import evaluate
 from sinkguard.interventions.policy import Policy, PolicySet
 from sinkguard.interventions.specs import AttentionRedistribution, MlpProjectionRemoval
-from sinkguard.offline.selection import token_logprobs
 
 POLICIES = PolicySet(policies=[Policy(name="act", interventions=[AttentionRedistribution(beta=0.0)]),
                                Policy(name="remove", interventions=[MlpProjectionRemoval(alpha=1.0)])])

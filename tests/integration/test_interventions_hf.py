@@ -7,11 +7,12 @@ import pytest
 import torch
 
 from sinkguard.engines.hf.interventions import HFIntervention, intervening
+from sinkguard.engines.hf.likelihood import mean_loglik
 from sinkguard.interventions.attention_edits import kept_fraction
 from sinkguard.interventions.plan import RequestSlice, build_plan
 from sinkguard.interventions.policy import Policy
 from sinkguard.interventions.specs import AttentionRedistribution, FirstTokenScaling, MlpNormClamp, MlpProjectionRemoval
-from sinkguard.offline.selection import mean_loglik, select_heads
+from sinkguard.offline.selection import select_heads
 
 
 def prompt_with_sinks(hf_model, default_scan) -> list[int]:

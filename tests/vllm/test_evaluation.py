@@ -8,6 +8,7 @@ import urllib.request
 
 import pytest
 
+from sinkguard.engines.hf.likelihood import token_logprobs
 from sinkguard.evaluation import build_tasks
 from sinkguard.evaluation.client import ArmClient
 from sinkguard.evaluation.compare import compare
@@ -15,7 +16,6 @@ from sinkguard.evaluation.html_report import eval_report_html
 from sinkguard.evaluation.runner import EvalRun, evaluate
 from sinkguard.evaluation.tasks import multiple_choice_prompt
 from sinkguard.interventions.policy import load_policies
-from sinkguard.offline.selection import token_logprobs
 
 
 @pytest.fixture(scope="module")
