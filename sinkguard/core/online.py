@@ -5,7 +5,8 @@ layer's output and MLP output for the N tokens of the step (all scheduled reques
 chunks and decode tokens together), then :meth:`StepDetector.finish` with the tokens' absolute
 positions. Every token passes through all layers within one step, so a token's whole flag
 column, hence its birth layer, lifetime and kind, is known at the end of the step that processed
-it: no state is carried across steps except what :class:`RequestTracker` keeps per request.
+it: no state is carried across steps except what the caller keeps per request (the serving
+layer's records, :mod:`sinkguard.serving.records`).
 
 The reference is the profile's stored per-layer direction (the request's own first token may be
 a prefix-cache hit or several steps in the past); the window and the median MLP norm come from

@@ -1,5 +1,5 @@
 """The per-architecture contract both engines read: where the decoder layers are, and which tensor
-is "the MLP output" that the detector measures (and, next, interventions edit).
+is "the MLP output" that the detector measures and the MLP interventions edit.
 
 The paper's formation signal is the vector a layer's MLP *adds to the residual stream*. Which
 tensor that is differs between families: a Llama layer adds ``mlp(x)``; a Gemma 2/3 layer adds

@@ -1,4 +1,4 @@
-"""Evaluation of intervention policies: tasks, arms, paired comparisons and reports (issue 10)."""
+"""Evaluation of intervention policies: tasks, arms, paired comparisons, statistics and reports."""
 
 from __future__ import annotations
 

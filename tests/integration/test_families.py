@@ -1,6 +1,6 @@
 """The detector on two trained families, judged by their own attention on held-out text.
 
-Reproduces issue 7's finding (the paper's alignment test alone flags most of Gemma 3's tokens,
+Reproduces a known failure (the paper's alignment test alone flags most of Gemma 3's tokens,
 none of which attention confirms) and checks the done criteria: with the attention-validated
 profile, recall >= 0.9 of strong secondary sinks and <= 0.5 unexplained sink flags per 256 tokens
 on prompts the calibration did not see, for every family.
@@ -32,7 +32,7 @@ def test_alignment_alone_flags_ordinary_gemma_tokens_the_default_does_not(gemma)
     from sinkguard.offline.scanner import redetect, scan
 
     alignment = scan(gemma, held_out(gemma, 6), ScanConfig(detector=DetectorConfig.alignment_only()), progress=False)
-    assert alignment.agreement.unexplained_per_256 > 50, alignment.agreement.to_dict()  # what issue 7 saw
+    assert alignment.agreement.unexplained_per_256 > 50, alignment.agreement.to_dict()  # alignment alone
     default = redetect(alignment, ScanConfig())
     assert default.agreement.unexplained_per_256 <= TARGETS.target_unexplained_per_256, default.agreement.to_dict()
 

@@ -1,4 +1,4 @@
-"""A restart loads vLLM's compiled model from its cache, with sinkguard's op in it (issue 18, item 9).
+"""A restart loads vLLM's compiled model from its cache, with sinkguard's op in it.
 
 vLLM 0.32 on CPU saved the compiled model as an AOT artifact but never managed to load it back
 ("Compiling model again due to a load failure ... 'function' object has no attribute
