@@ -10,18 +10,60 @@ values through the layer's own ``impl.do_kv_cache_update`` into a two-block scra
 where each ``(kv head, token, dim)`` of K and of V landed. Identifiers are written base 16, one
 digit per pass, so every value is a small integer that any float format stores exactly. The map
 must be the same in both scratch blocks and cover every element once, else the reader refuses.
+
+:func:`attention_layers` finds each decoder layer's vLLM attention module, refuses what attention
+edits do not model, and attaches the layer's reader; :func:`attention_window` translates its
+sliding window.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from sinkguard.errors import ConfigError
 
+if TYPE_CHECKING:
+    from sinkguard.interventions.attention_edits import AttentionEdit
+
 _BASE = 16
+
+
+def attention_layers(layers: list[torch.nn.Module]) -> list[tuple[int, Any]]:
+    """Each decoder layer's vLLM attention module (with its :class:`PagedKvReader` attached as
+    ``_sinkguard_reader``), checked for what attention edits can honour."""
+    from vllm.model_executor.layers.attention.attention import Attention
+
+    found = []
+    for index, layer in enumerate(layers):
+        modules = [m for m in layer.modules() if isinstance(m, Attention)]
+        if len(modules) != 1:
+            raise ConfigError(f"attention interventions: decoder layer {index} has {len(modules)} vLLM attention "
+                              "modules, expected one")
+        attn = modules[0]
+        impl = attn.impl
+        for name, unsupported in (("logits_soft_cap", bool(getattr(impl, "logits_soft_cap", 0) or 0)),
+                                  ("sinks", getattr(impl, "sinks", None) is not None),
+                                  ("alibi_slopes", getattr(impl, "alibi_slopes", None) is not None)):
+            if unsupported:
+                raise ConfigError(f"attention interventions do not model {name} (layer {index}, "
+                                  f"{type(impl).__name__}); remove attention_redistribution/first_token_scaling "
+                                  "from the policies for this model")
+        if getattr(attn, "_sinkguard_reader", None) is None:
+            attn._sinkguard_reader = PagedKvReader(attn)
+        found.append((index, attn))
+    return found
+
+
+def attention_window(impl: Any) -> int | None:
+    """The layer's sliding window in sinkguard's convention (query i sees ``i - w < j <= i``): CPU
+    backends store the window (-1: none), FlashAttention ``(w - 1, 0)`` (``(-1, -1)``: none)."""
+    window = getattr(impl, "sliding_window", None)
+    if isinstance(window, tuple):
+        return window[0] + 1 if window[0] >= 0 else None
+    return int(window) if window is not None and window > 0 else None
 
 
 class PagedKvReader:
@@ -36,6 +78,14 @@ class PagedKvReader:
                               "serve with --kv-cache-dtype auto")
         self._maps: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self._strides: dict[int, tuple[int, int] | None] = {}  # id(map) -> affine (token, dim) strides
+
+    def read_edits(self, kv_cache: torch.Tensor, metadata: Any, edits: list[AttentionEdit], kv_heads: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """:meth:`read` for the requests of attention ``edits`` (``edit.request``: the request's row in the
+        step's attention ``metadata``, whose ``block_table`` and ``seq_lens`` say where its tokens are)."""
+        requests = torch.tensor([edit.request for edit in edits], device=metadata.block_table.device)
+        return self.read(kv_cache, metadata.block_table.index_select(0, requests),
+                         metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)), kv_heads)
 
     def read(self, kv_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
              kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -6,8 +6,9 @@ translates: vLLM's decoder layers return ``(mlp_contribution, residual)`` for ev
 :mod:`sinkguard.engines.architectures` (on Gemma the contribution is already post-normed, the same tensor
 the transformers adapter hooks), whose sum is the residual stream the paper's detector reads; the
 forward context says which rows of the flattened batch belong to which request. Detection is
-:mod:`sinkguard.core.online`; per-request records, their accounting (prefill, decode, recomputed
-after a preemption) and the fail-open guard are :mod:`sinkguard.serving`; metrics
+:mod:`sinkguard.core.online`; per-request records and their accounting (prefill, decode, recomputed
+after a preemption, a cached prefix read back) are :mod:`sinkguard.serving.accounting`, which this
+module feeds step by step; the fail-open guard is :mod:`sinkguard.serving.faults`; metrics
 :mod:`sinkguard.serving.prometheus`. Engine settings it cannot observe are refused by ``settings.py``.
 
 A step starts and ends around the runner's ``_model_forward`` (Python outside the model in every
@@ -25,11 +26,13 @@ captures after the last. In between, each decoder layer hands its MLP output and
   intermediate buffers, so the detector captures by copy (never by reference) in this mode.
 
 Attention edits wrap the attention implementation's ``forward``, which vLLM calls from its own
-opaque attention op at run time in both modes (on GPU a splitting op, outside CUDA graphs).
+opaque attention op at run time in both modes (on GPU a splitting op, outside CUDA graphs); the
+keys and values they recompute with are read from the paged cache by ``kv_cache.py``.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from typing import Any
@@ -41,9 +44,9 @@ from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_c
 from sinkguard.core.online import StepDetector
 from sinkguard.core.profile import SinkProfile
 from sinkguard.engines.architectures import contract_for_config, decoder_layers
+from sinkguard.engines.vllm.kv_cache import attention_layers, attention_window
 from sinkguard.engines.vllm.refusals import compiled_mode
-from sinkguard.errors import ConfigError
-from sinkguard.interventions.attention_edits import AttentionEdit, SinkMemory
+from sinkguard.interventions.attention_edits import SinkMemory
 from sinkguard.interventions.plan import (
     EMPTY_PLAN,
     AppliedEdit,
@@ -54,10 +57,11 @@ from sinkguard.interventions.plan import (
     edit_mlp_output,
     formation_rules,
 )
-from sinkguard.interventions.policy import NO_POLICY, ModelScope, PolicySet
+from sinkguard.interventions.policy import ModelScope, PolicySet
+from sinkguard.serving.accounting import RequestAccounting, RequestStart
 from sinkguard.serving.faults import FaultGuard, FaultInjector
-from sinkguard.serving.options import policy_cache_key
 from sinkguard.serving.prefix_events import PrefixEventStore
+from sinkguard.serving.prefix_restore import PrefixRestore
 from sinkguard.serving.records import RequestTracker
 from sinkguard.serving.settings import ServeConfig
 
@@ -82,15 +86,6 @@ def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str, sample_pr
     return model_info_from_config(hf_config, architecture, name, identity, len(layers))
 
 
-def attention_window(impl: Any) -> int | None:
-    """The layer's sliding window in sinkguard's convention (query i sees ``i - w < j <= i``): CPU
-    backends store the window (-1: none), FlashAttention ``(w - 1, 0)`` (``(-1, -1)``: none)."""
-    window = getattr(impl, "sliding_window", None)
-    if isinstance(window, tuple):
-        return window[0] + 1 if window[0] >= 0 else None
-    return int(window) if window is not None and window > 0 else None
-
-
 class VllmSinkRuntime:
     """The detector living in one vLLM worker.
 
@@ -106,8 +101,6 @@ class VllmSinkRuntime:
         self.record = record  # False on tensor-parallel ranks > 0: they see the same hidden states
         self.detector = StepDetector(profile, reverify_every=config.reverify_every_steps,
                                      chunk_tokens=config.prefill_chunk_tokens)
-        self.tracker = RequestTracker(config.max_finished_requests, config.max_events_per_request,
-                                      config.record_store_bytes, config.record_ttl_seconds)
         self.model_name = config.model_name or profile.model.name
         self.metrics = None
         if config.metrics and record:
@@ -118,7 +111,6 @@ class VllmSinkRuntime:
         self.rules = formation_rules(profile)
         self.forming_layers = [f.layer for f in profile.meta.forming_layers]
         self.reference_position = profile.reference_position
-        self.scope = ModelScope.from_profile(profile)
         self.memory = SinkMemory()  # per request: its secondary sinks so far (attention edits target them)
         # attention implementations are wrapped only if some request may edit attention
         self.edits_attention = self.policies.allow_inline or any(
@@ -127,8 +119,6 @@ class VllmSinkRuntime:
         self.guard = FaultGuard(config.fault_limit, config.fail_closed, on_fault=self._on_fault)
         self.injector = FaultInjector(config.fault_injection)
         self.removed_reason: str | None = None  # why the detector is off (removed itself, or switched off)
-        self._started_unobserved: set[str] = set()  # requests that began while the detector was off
-        self._warned_nonfinite = False
         self.steps = 0
         self.unlaid_steps = 0  # steps with attention metadata sinkguard could not map to requests
         self.total_seconds = 0.0  # detector time (observers + detection), all steps
@@ -144,11 +134,16 @@ class VllmSinkRuntime:
         self._traced_layers = False  # compiled mode: the layers' op calls are part of the graph for good
         self._enabled = False
         self.layer_calls = 0  # op calls seen (compiled mode): a graph without them is refused after warm-up
-        self.prefix_store: PrefixEventStore | None = None
-        self._prefix_missing: dict[str, list[int]] = {}  # cached blocks not in the store at the request's start
+        prefix = None
         if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
-            self.prefix_store = PrefixEventStore(int(vllm_config.cache_config.block_size),
-                                                 config.prefix_event_blocks)
+            store = PrefixEventStore(int(vllm_config.cache_config.block_size), config.prefix_event_blocks)
+            prefix = PrefixRestore(store, self.memory, self._token_ids)
+        tracker = RequestTracker(config.max_finished_requests, config.max_events_per_request,
+                                 config.record_store_bytes, config.record_ttl_seconds)
+        self.accounting = RequestAccounting(tracker, self.policies, ModelScope.from_profile(profile), self.memory,
+                                            self._describe, record=record, metrics=self.metrics,
+                                            model_name=self.model_name, prefix=prefix)
+        self._record_edits = self.accounting.applied  # bound once: called at every edited layer
 
     # -- installation -------------------------------------------------------------------------
     def install(self) -> None:
@@ -166,10 +161,10 @@ class VllmSinkRuntime:
         elif not self._traced_layers:
             self._trace_layers(layers)
         if self.edits_attention:  # only when a configured policy edits attention: otherwise no cost at all
-            for index, attn in self._attention_layers(layers):
+            for index, attn in attention_layers(layers):
                 self._wrap(attn.impl, "forward", self._edited_attention(index, attn.impl.forward))
         if self.removed_reason is not None:  # reinstalled: requests that started meanwhile ran unobserved
-            self._started_unobserved = {r for r in self.runner.requests if r not in self.tracker.live}
+            self.accounting.started_unobserved(self.runner.requests)
         self._enabled = True
         self.removed_reason = None
         self.guard.rearm()
@@ -204,8 +199,7 @@ class VllmSinkRuntime:
     def remove(self, reason: str = "detection switched off by the operator") -> None:
         """Undo :meth:`install` (compiled mode: the op stays in the graph and does nothing). Requests
         running now, and those that start before a reinstall, lose their policies: their records say so."""
-        for record in self.tracker.live.values():
-            record.policy_interrupted(reason)
+        self.accounting.interrupt(reason)
         self.removed_reason = reason
         for target, attribute, previous in reversed(self._wrapped):
             if previous is None:
@@ -219,32 +213,6 @@ class VllmSinkRuntime:
     @property
     def installed(self) -> bool:
         return self._enabled
-
-    def _attention_layers(self, layers: list[torch.nn.Module]) -> list[tuple[int, Any]]:
-        """Each decoder layer's vLLM attention module, checked for what attention edits can honour."""
-        from vllm.model_executor.layers.attention.attention import Attention
-
-        from sinkguard.engines.vllm.kv_cache import PagedKvReader
-
-        found = []
-        for index, layer in enumerate(layers):
-            modules = [m for m in layer.modules() if isinstance(m, Attention)]
-            if len(modules) != 1:
-                raise ConfigError(f"attention interventions: decoder layer {index} has {len(modules)} vLLM attention "
-                                  "modules, expected one")
-            attn = modules[0]
-            impl = attn.impl
-            for name, unsupported in (("logits_soft_cap", bool(getattr(impl, "logits_soft_cap", 0) or 0)),
-                                      ("sinks", getattr(impl, "sinks", None) is not None),
-                                      ("alibi_slopes", getattr(impl, "alibi_slopes", None) is not None)):
-                if unsupported:
-                    raise ConfigError(f"attention interventions do not model {name} (layer {index}, "
-                                      f"{type(impl).__name__}); remove attention_redistribution/first_token_scaling "
-                                      "from the policies for this model")
-            if getattr(attn, "_sinkguard_reader", None) is None:
-                attn._sinkguard_reader = PagedKvReader(attn)
-            found.append((index, attn))
-        return found
 
     # -- observers ----------------------------------------------------------------------------
     def _batch_layout(self) -> tuple[np.ndarray, list[str]] | None:
@@ -297,7 +265,7 @@ class VllmSinkRuntime:
         self._num_tokens = int(layout[0][-1])
         self._positions = positions
         self._input_ids = self.runner.input_ids.cpu
-        self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
+        self.accounting.retire_missing(self.runner.requests)
         self.detector.start(self._num_tokens, positions.device)
         self._plan = self._step_plan(layout)
         self._elapsed = time.perf_counter() - start
@@ -306,12 +274,8 @@ class VllmSinkRuntime:
         """The step's interventions, built before the first layer (a request without a policy costs
         a lookup; a step without any, nothing more)."""
         query_start, request_ids = layout
-        live = self.tracker.live
-        chosen = []
-        for i, request_id in enumerate(request_ids):
-            record = live.get(request_id) or self._first_sight(request_id)
-            if record.interventions_policy is not None:
-                chosen.append((i, record))
+        records = self.accounting.records(request_ids)
+        chosen = [(i, record) for i, record in enumerate(records) if record.interventions_policy is not None]
         if not chosen:
             return EMPTY_PLAN
         firsts = self._positions[torch.from_numpy(query_start[:-1]).to(self._positions.device)].tolist()
@@ -332,8 +296,8 @@ class VllmSinkRuntime:
             if self.injector.injection is not None:
                 self.injector.maybe_raise("layer")
             if not self._plan.empty:  # edits land before the detector reads them
-                self._applied(edit_mlp_output(index, mlp_out, self._plan, self.rules[index], self.memory,
-                                              self.reference_position))
+                self._record_edits(edit_mlp_output(index, mlp_out, self._plan, self.rules[index], self.memory,
+                                                   self.reference_position), self._layout[1])
             self.detector.observe(index, mlp_out, residual)
             self._elapsed += time.perf_counter() - start
         except Exception as exc:
@@ -363,7 +327,8 @@ class VllmSinkRuntime:
                     start = time.perf_counter()
                     if inject is not None:
                         inject("intervention")
-                    self._applied(self._attend(index, layer, query, kv_cache, attn_metadata, output))
+                    self._record_edits(self._attend(index, layer, query, kv_cache, attn_metadata, output),
+                                       self._layout[1])
                     self._elapsed += time.perf_counter() - start
                 except Exception as exc:
                     self._fault("intervention", exc)
@@ -374,13 +339,7 @@ class VllmSinkRuntime:
     def _attend(self, index: int, layer: Any, query: torch.Tensor, kv_cache: torch.Tensor, metadata: Any,
                 output: torch.Tensor) -> list[AppliedEdit]:
         impl = layer.impl
-        reader = layer._sinkguard_reader
-
-        def read(edits: list[AttentionEdit], kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-            requests = torch.tensor([edit.request for edit in edits], device=metadata.block_table.device)
-            return reader.read(kv_cache, metadata.block_table.index_select(0, requests),
-                               metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)), kv_heads)
-
+        read = functools.partial(layer._sinkguard_reader.read_edits, kv_cache, metadata)  # the step's KV, per edit
         out = output.view(output.shape[0], impl.num_heads, -1)
         return apply_attention_edits(index, self._plan, self.memory, self.reference_position, impl.scale,
                                      attention_window(impl), query.view(query.shape[0], impl.num_heads, -1), out,
@@ -392,47 +351,13 @@ class VllmSinkRuntime:
         self.injector.maybe_raise("step_end")
         n = self._num_tokens
         positions = self._positions[:n].cpu().numpy()
-        events = self.detector.finish(positions)
-        if self.record:
-            self._record(positions, events)  # events None: the step's activations were not usable
-        if self.prefix_store is not None:  # every rank: attention edits read the restored formation flags
-            self._commit_blocks(positions, scanned=events is not None)
+        events = self.detector.finish(positions)  # None: the step's activations were not usable
+        self.accounting.end_step(*self._layout, positions, events, self._input_ids)
         self._elapsed += time.perf_counter() - start
         self.steps += 1
         self.total_seconds += self._elapsed
         if self.metrics is not None:
             self.metrics.detector_seconds.labels(self.model_name).observe(self._elapsed)
-
-    def _applied(self, applied: list[AppliedEdit]) -> None:
-        request_ids = self._layout[1]
-        for edit in applied:
-            kind = edit.intervention.kind
-            if edit.nonfinite is not None:
-                self._skipped_nonfinite(edit, request_ids)
-            if self.record:
-                counts = [edit.count] + [0] * (len(edit.positions) - 1) if edit.edited_rows else None
-                for n, (request, position) in enumerate(zip(edit.requests.tolist(), edit.positions.tolist())):
-                    self.tracker.live[request_ids[request]].add_intervention(
-                        kind, edit.layer, position, counts[n] if counts else 1)
-            if self.metrics is not None:
-                self.metrics.interventions_applied.labels(self.model_name, edit.policy, kind).inc(edit.count)
-
-    def _skipped_nonfinite(self, edit: AppliedEdit, request_ids: list[str]) -> None:
-        """Edits whose result was not finite were skipped (the tokens kept their values): counted and
-        marked on the requests, never against ``fault_limit`` (one client's policy must not remove the
-        detector for everyone)."""
-        if not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            logger.warning("sinkguard: %s (policy %s) at layer %d gave a non-finite result; the edit was skipped "
-                           "for those tokens (counted in faults_total{stage=\"nonfinite_edit\"})",
-                           edit.intervention.kind, edit.policy, edit.layer)
-        if self.record:
-            for request in edit.nonfinite.tolist():
-                record = self.tracker.live[request_ids[request]]
-                record.nonfinite_edits += 1
-                record.policy_interrupted("an edit gave a non-finite result and was skipped")
-        if self.metrics is not None:
-            self.metrics.faults.labels(self.model_name, "nonfinite_edit").inc(len(edit.nonfinite))
 
     # -- faults -------------------------------------------------------------------------------
     def _fault(self, stage: str, exc: Exception) -> None:
@@ -452,144 +377,34 @@ class VllmSinkRuntime:
 
     def _mark_unscanned(self) -> None:
         try:  # best effort: the layout itself may be what failed
-            if self.record and self._layout is not None:
-                for request_id in self._layout[1]:
-                    record = self.tracker.live.get(request_id) or self._first_sight(request_id)
-                    record.unscanned_steps += 1
-                    record.policy_interrupted("a detector fault left a step without its interventions")
+            if self._layout is not None:
+                self.accounting.unscanned(self._layout[1])
         except Exception:
             pass
 
-    # -- bookkeeping --------------------------------------------------------------------------
-    def _record(self, positions: np.ndarray, events: list | None) -> None:
-        query_start, request_ids = self._layout
-        live = self.tracker.live
-        records = [live.get(request_id) or self._first_sight(request_id) for request_id in request_ids]
-        # A request's tokens in a step are consecutive positions (RequestRecord.account splits
-        # them into prefill, decode and recomputed). Plain Python: a step has few requests.
-        starts = query_start.tolist()
-        first_positions = positions[query_start[:-1]].tolist()
-        scanned_below = [record.next_position for record in records]
-        step_prefill = step_decode = 0
-        for i, record in enumerate(records):
-            if events is None:
-                record.unscanned_steps += 1
-                continue
-            prefill, decode = record.account(first_positions[i], starts[i + 1] - starts[i])
-            step_prefill += prefill
-            step_decode += decode
-        if self.metrics is not None:
-            if step_prefill:
-                self.metrics.tokens_scanned.labels(self.model_name, "prefill").inc(step_prefill)
-            if step_decode:
-                self.metrics.tokens_scanned.labels(self.model_name, "decode").inc(step_decode)
-        if events:
-            self._record_events(events, query_start, records, scanned_below)
+    # -- what the engine knows of a request ---------------------------------------------------
+    def _describe(self, request_id: str) -> RequestStart | None:
+        state = self.runner.requests.get(request_id)
+        if state is None:
+            return None
+        extra = state.sampling_params.extra_args if state.sampling_params else None
+        return RequestStart(len(state.prompt_token_ids or ()), extra, state.num_computed_tokens)
 
-    def _record_events(self, events: list, query_start: np.ndarray, records: list, scanned_below: list[int]) -> None:
-        token_ids = self._input_ids[: self._num_tokens].cpu().numpy() if self._input_ids is not None else None
-        store = self.prefix_store
-        for column, event in events:
-            i = int(np.searchsorted(query_start, column, side="right")) - 1
-            record = records[i]
-            if event.position < scanned_below[i]:
-                continue  # recomputed after a preemption: recorded the first time
-            if token_ids is not None:
-                event.token_id = int(token_ids[column])
-            if store is not None:
-                store.add(record.request_id, (event,))  # whatever the request's options: the block's events
-            if not record.options.detect:
-                continue
-            record.add(event, "prefill" if event.position < record.prompt_tokens else "decode")
-            if self.metrics is not None and not event.is_reference:
-                self.metrics.sinks_detected.labels(self.model_name, event.kind, str(event.birth_layer)).inc()
-
-    # -- prefix caching -----------------------------------------------------------------------
     def _token_ids(self, request_id: str) -> list[int]:
         state = self.runner.requests[request_id]
         return [*(state.prompt_token_ids or ()), *state.output_token_ids]
 
-    def _commit_blocks(self, positions: np.ndarray, scanned: bool) -> None:
-        """Store the blocks this step completed, then read back cached blocks that were missing at the
-        step's start (another request of the same step was computing them). After an unscanned step
-        the step's requests store nothing more: their later blocks' events would be incomplete."""
-        store = self.prefix_store
-        query_start, request_ids = self._layout
-        ends = (positions[query_start[1:] - 1] + 1).tolist()
-        for request_id, upto in zip(request_ids, ends):
-            if not scanned:
-                store.forget(request_id)
-            elif store.needs_commit(request_id, upto):
-                store.commit(request_id, self._token_ids(request_id), upto,
-                             tuple(self.memory.born(request_id).items()))
-        for request_id in request_ids:
-            missing = self._prefix_missing.pop(request_id, None)
-            if missing:
-                record = self.tracker.live[request_id]
-                restored = self._restore(record, missing)
-                record.cached_prefix_unknown_tokens += store.give_up(restored.missing)
-                record.events.sort(key=lambda event: event["position"])  # the prefix's events lead, as in a recompute
-
-    def _restore(self, record: Any, blocks: list[int]) -> Any:
-        """Read the cached ``blocks`` of ``record``'s request back into its record and sink memory."""
-        restored = self.prefix_store.restore(record.request_id, self._token_ids(record.request_id), blocks)
-        if record.options.detect:
-            for event in sorted(restored.events, key=lambda e: e.position):
-                record.add(event, "prefill" if event.position < record.prompt_tokens else "decode")
-        for position, layer in restored.formations:
-            self.memory.flag(record.request_id, np.array([position]), layer)
-        return restored
-
-    def _cached_prefix(self, record: Any, cached_tokens: int) -> None:
-        """A request that starts with ``cached_tokens`` tokens served from the prefix cache."""
-        record.cached_prefix_tokens = cached_tokens
-        record.next_position = cached_tokens  # not recomputed: read back
-        full = cached_tokens // self.prefix_store.block_size
-        record.cached_prefix_unknown_tokens = cached_tokens - full * self.prefix_store.block_size
-        restored = self._restore(record, list(range(full)))
-        if restored.missing:
-            self._prefix_missing[record.request_id] = restored.missing
-
-    def _first_sight(self, request_id: str) -> Any:
-        """Open a record with the request's prompt length and options (once, not every step)."""
-        state = self.runner.requests.get(request_id)
-        prompt_len = len(state.prompt_token_ids or ()) if state is not None else 0
-        extra = state.sampling_params.extra_args if state is not None and state.sampling_params else None
-        record = self.tracker.get(request_id, extra, prompt_len)
-        try:
-            policy = record.options.resolved_policy(self.policies, self.scope)
-        except ConfigError as exc:  # the API server answers 400; offline engines have no API server
-            logger.warning("sinkguard: request %s is served without interventions: %s", request_id, exc)
-            policy = self.policies.get(NO_POLICY)
-        record.policy_name = policy.name
-        record.interventions_policy = policy if policy.interventions else None  # None: nothing to plan
-        if request_id in self._started_unobserved:
-            self._started_unobserved.discard(request_id)
-            record.policy_interrupted("detection was off when the request started")
-        if self.prefix_store is not None and state is not None:
-            self.prefix_store.begin(request_id, policy_cache_key(record.interventions_policy))
-            if state.num_computed_tokens > 0:
-                self._cached_prefix(record, state.num_computed_tokens)
-        return record
-
-    def _on_retire(self, record: Any) -> None:
-        self.memory.forget(record.request_id)
-        if self.prefix_store is not None:
-            self.prefix_store.forget(record.request_id)
-            self._prefix_missing.pop(record.request_id, None)
-        if self.metrics is not None:
-            self.metrics.requests_finished.labels(self.model_name).inc()
-
     # -- control plane (collective_rpc) -------------------------------------------------------
     def lookup(self, client_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-        self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
-        return self.tracker.lookup(client_id, offset, limit)
+        self.accounting.retire_missing(self.runner.requests)
+        return self.accounting.tracker.lookup(client_id, offset, limit)
 
     def summaries(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
-        self.tracker.retire_missing(self.runner.requests, on_retire=self._on_retire)
-        return self.tracker.summaries(client_ids)
+        self.accounting.retire_missing(self.runner.requests)
+        return self.accounting.tracker.summaries(client_ids)
 
     def status(self) -> dict[str, Any]:
+        tracker, prefix = self.accounting.tracker, self.accounting.prefix
         return {
             "runtime": True,
             "enabled": self.installed,
@@ -598,9 +413,9 @@ class VllmSinkRuntime:
             "fingerprint": self.profile.model.fingerprint,
             "window_layers": self.profile.meta.window_layers,
             "forming_layers": [f.layer for f in self.profile.meta.forming_layers],
-            "live_requests": len(self.tracker.live),
-            "finished_requests": len(self.tracker.finished),
-            "finished_records_bytes": self.tracker.finished_bytes,
+            "live_requests": len(tracker.live),
+            "finished_requests": len(tracker.finished),
+            "finished_records_bytes": tracker.finished_bytes,
             "steps": self.steps,
             "unscanned_steps": self.detector.unscanned_steps,
             "faults": dict(self.guard.faults),
@@ -611,5 +426,5 @@ class VllmSinkRuntime:
             "detector_seconds": round(self.total_seconds, 6),
             "compiled": self.compiled,
             "layer_op_calls": self.layer_calls,
-            "prefix_events": self.prefix_store.stats() if self.prefix_store is not None else None,
+            "prefix_events": prefix.store.stats() if prefix is not None else None,
         }
