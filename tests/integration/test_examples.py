@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from sinkguard.engines.vllm.plugin import check_ab
 from sinkguard.interventions.policy import NO_POLICY, load_policies
+from sinkguard.serving.loader import check_ab
 from sinkguard.serving.settings import load_serve_config
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "ab_test"

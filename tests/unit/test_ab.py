@@ -145,7 +145,7 @@ def test_echoed_prompt_log_probabilities_are_not_counted_as_generated():
 
 
 def test_a_server_with_a_bad_experiment_does_not_start(tmp_path, monkeypatch):
-    from sinkguard.engines.vllm.plugin import CONFIG_ENV, enabled_config
+    from sinkguard.serving.loader import CONFIG_ENV, enabled_config
 
     policies = tmp_path / "policies.json"
     policies.write_text(json.dumps({"policies": [{"name": "act", "interventions": [

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from sinkguard.engines.vllm.routes import RequestOptionsMiddleware
+from sinkguard.engines.vllm.middleware import RequestOptionsMiddleware
 
 
 def call(path: str, body: dict | bytes, root_path: str = "", content_type: bytes = b"application/json",
@@ -60,7 +60,7 @@ def test_valid_and_unrelated_requests_pass_through_unchanged():
 @pytest.fixture
 def served_policies(tmp_path, monkeypatch, profile):
     """The middleware as in a server configured with a profile and two policies."""
-    from sinkguard.engines.vllm import plugin, routes
+    from sinkguard.serving import loader
 
     profile.save(tmp_path / "profile")
     (tmp_path / "policies.json").write_text(json.dumps({"policies": [
@@ -69,10 +69,10 @@ def served_policies(tmp_path, monkeypatch, profile):
     (tmp_path / "serve.json").write_text(json.dumps({"profile": str(tmp_path / "profile"),
                                                      "policies": str(tmp_path / "policies.json")}))
     monkeypatch.setenv("SINKGUARD_CONFIG", str(tmp_path / "serve.json"))
-    routes._POLICIES.clear()
-    plugin._policy_file.cache_clear()
+    loader._POLICIES.clear()
+    loader._policy_file.cache_clear()
     yield
-    routes._POLICIES.clear()
+    loader._POLICIES.clear()
 
 
 def test_an_arm_model_name_is_routed_and_the_response_tagged(served_policies):
@@ -132,7 +132,7 @@ def test_malformed_requests_get_a_400_not_a_traceback():
 
 
 def test_an_unknown_arm_of_a_served_model_is_a_400_listing_the_arms(served_policies):
-    from sinkguard.engines.vllm.routes import SinkguardEndpoints
+    from sinkguard.engines.vllm.endpoints import SinkguardEndpoints
 
     endpoints = SinkguardEndpoints()
     endpoints.served_models = ("smol", "other:7b")
@@ -144,7 +144,7 @@ def test_an_unknown_arm_of_a_served_model_is_a_400_listing_the_arms(served_polic
 
 
 def test_requests_whose_policy_cannot_run_are_marked_or_refused(served_policies):
-    from sinkguard.engines.vllm.routes import SinkguardEndpoints
+    from sinkguard.engines.vllm.endpoints import SinkguardEndpoints
 
     endpoints = SinkguardEndpoints()
     endpoints.detector.off_reason = "detection switched off by the operator"

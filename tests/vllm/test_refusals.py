@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 from harness import script
 
-from sinkguard.engines.vllm.plugin import enabled_config
 from sinkguard.engines.vllm.server import prepare_launch
 from sinkguard.errors import ConfigError
+from sinkguard.serving.loader import enabled_config
 from sinkguard.serving.settings import ServeConfig
 
 SCRIPT = script("start_engine")
@@ -68,7 +68,7 @@ def test_engine_refuses_profile_of_other_weights(random_model_dir, serve_config)
 
 def test_profile_whose_detector_missed_its_targets_is_refused(served_profile):
     from sinkguard.core.profile import SinkProfile
-    from sinkguard.engines.vllm.plugin import check_profile_trust
+    from sinkguard.serving.loader import check_profile_trust
 
     path, profile = served_profile
     check_profile_trust(profile, ServeConfig(profile=str(path)))  # a validated profile is served

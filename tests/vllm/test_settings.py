@@ -14,6 +14,7 @@ from sinkguard.engines.vllm import plugin
 from sinkguard.engines.vllm.refusals import REFUSALS, check_engine_settings, compiled_mode, refused_settings
 from sinkguard.engines.vllm.server import ENFORCED_ARGS
 from sinkguard.errors import ConfigError
+from sinkguard.serving.loader import CONFIG_ENV
 from sinkguard.serving.settings import ServeConfig
 
 
@@ -126,7 +127,7 @@ def test_every_model_runner_vllm_ships_is_covered(monkeypatch, tmp_path):
     assert _runner_classes_defining_load_model() <= covered
     config = tmp_path / "serve.json"
     config.write_text(ServeConfig(profile="unused").model_dump_json())
-    monkeypatch.setenv(plugin.CONFIG_ENV, str(config))
+    monkeypatch.setenv(CONFIG_ENV, str(config))
     plugin.register()
     for module, name, _ in plugin.RUNNER_CLASSES:
         cls = getattr(importlib.import_module(module), name)

@@ -1,6 +1,6 @@
 """The live A/B experiment inside vLLM's API server: the ASGI side of :mod:`sinkguard.serving.ab`.
 
-For each completions / chat request (``routes.py`` calls :meth:`ABTraffic.begin`): decide its arm,
+For each completions / chat request (``middleware.py`` calls :meth:`ABTraffic.begin`): decide its arm,
 inject the arm's policy, ask for the generated tokens' log-probabilities when the client did not;
 then watch the response go out (tag ``x-sinkguard-arm``, read ids, usage, log-probabilities and
 time to first token, strip what sinkguard added) and, once it is complete, queue its log record.

@@ -4,7 +4,7 @@ A server that serves ``smollm2`` with policies ``act`` and ``remove`` also lists
 ``smollm2:act`` and ``smollm2:remove`` in ``/v1/models``; a request for ``smollm2:act`` is served by
 ``smollm2`` under policy ``act`` (``vllm_xargs.sinkguard_policy`` is set for it). A request that
 names an arm both ways, differently, is refused (HTTP 400) rather than guessed. Pure functions on
-JSON payloads; the ASGI plumbing is in ``routes.py``.
+JSON payloads; the ASGI plumbing is in ``middleware.py``.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ core, workers).
 Inert unless ``$SINKGUARD_CONFIG`` names a :class:`~sinkguard.serving.settings.ServeConfig` JSON file: a
 multi-tenant server that merely has sinkguard installed is unchanged. When enabled it
 
-1. validates the config in every process, so a bad field fails server start-up naming it;
+1. validates the config in every process (:mod:`sinkguard.serving.loader`), so a bad field fails
+   server start-up naming it;
 2. wraps the model runners' ``load_model``: before the weights load, each worker refuses engine
    settings under which records would be wrong (``settings.py``); right after, it checks the
    profile against the loaded weights and installs
@@ -15,88 +16,23 @@ multi-tenant server that merely has sinkguard installed is unchanged. When enabl
    platform) fails start-up naming the class, instead of serving unobserved. A worker class that
    overrides ``load_model`` itself escapes both wrappers; ``sinkguard serve`` therefore also asks
    every worker after start-up and stops the server unless all report the detector installed;
-4. adds the control-plane methods ``sinkguard_lookup`` / ``sinkguard_status`` /
-   ``sinkguard_set_detection`` to vLLM's worker base class, reached through ``collective_rpc``
-   (see ``routes.py``).
+4. adds the control-plane methods of ``worker_rpc.py`` (``sinkguard_lookup``, ``sinkguard_status``,
+   ``sinkguard_set_detection``, ...) to vLLM's worker base class, reached through ``collective_rpc``
+   (see ``endpoints.py``).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-import os
-from pathlib import Path
 from typing import Any
 
+from sinkguard.engines.vllm.worker_rpc import RUNTIME_ATTR, add_worker_rpcs, runtime_of
 from sinkguard.errors import ConfigError
-from sinkguard.interventions.policy import NO_POLICY
-from sinkguard.serving.settings import ServeConfig, load_serve_config
+from sinkguard.serving.loader import check_profile_trust, enabled_config, serve_policies
+from sinkguard.serving.settings import ServeConfig
 
 logger = logging.getLogger("sinkguard")
-
-CONFIG_ENV = "SINKGUARD_CONFIG"
-_RUNTIME_ATTR = "_sinkguard_runtime"
-
-
-def enabled_config() -> ServeConfig | None:
-    """The plugin's config, or None when inert; a bad config or policy file fails here, naming the field."""
-    path = os.environ.get(CONFIG_ENV)
-    if not path:
-        return None
-    config = load_serve_config(path)
-    if not config.enabled:
-        return None
-    policies = serve_policies(config)
-    if config.ab is not None:
-        check_ab(config.ab, [NO_POLICY, *policies.names])
-    return config
-
-
-def check_ab(ab: Any, policies: list[str]) -> None:
-    """Start-up checks of the A/B experiment: its arms are policies, its log can be written."""
-    ab.check_policies(policies)
-    if ab.log is not None:
-        folder = Path(ab.log).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConfigError(f"ab.log: cannot create the folder of {ab.log}: {exc}") from None
-        if not os.access(folder, os.W_OK) or (Path(ab.log).exists() and not os.access(ab.log, os.W_OK)):
-            raise ConfigError(f"ab.log: {ab.log} is not writable")
-
-
-def serve_policies(config: ServeConfig | None) -> Any:
-    """The deployment's policy set (only ``none`` without a policy file)."""
-    from sinkguard.interventions.policy import PolicySet
-
-    return PolicySet() if config is None or config.policies is None else _policy_file(config.policies)
-
-
-@functools.lru_cache(maxsize=4)
-def _policy_file(path: str) -> Any:
-    """Read and check a policy file once per process (start-up validation and the runtime share it)."""
-    from sinkguard.interventions.policy import load_policies
-
-    try:
-        return load_policies(path)
-    except ConfigError as exc:
-        raise ConfigError(f"policies ({path}): {exc}") from None
-
-
-TRUSTED_STATUSES = ("validated", "no_secondary_sinks")
-
-
-def check_profile_trust(profile: Any, config: ServeConfig) -> None:
-    """Refuse a profile whose detector was not shown to agree with attention, unless allowed."""
-    status = profile.validation_status
-    if status in TRUSTED_STATUSES or config.allow_unvalidated_detector:
-        return
-    message = profile.meta.validation.get("message", "")
-    raise ConfigError(
-        f"sink profile {config.profile} has detector status '{status}' ({message}). Its flags may be ordinary tokens: "
-        "recalibrate with attention on and more prompts (`sinkguard calibrate`), or set allow_unvalidated_detector: "
-        "true in the sinkguard serve config to serve it anyway."
-    )
 
 
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
@@ -131,7 +67,7 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
         raise ConfigError(f"policies ({config.policies}): {exc}") from None
     runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=policies)
     runtime.install()
-    setattr(runner, _RUNTIME_ATTR, runtime)
+    setattr(runner, RUNTIME_ATTR, runtime)
     logger.info("sinkguard: detector installed (profile %s, window layers %s)", config.profile,
                 profile.meta.window_layers)
     return runtime
@@ -170,7 +106,7 @@ def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
         check_engine_settings(self.vllm_config)  # before minutes of weight loading
         result = original(self, *args, **kwargs)
-        if observe and getattr(self, _RUNTIME_ATTR, None) is None:  # a subclass may call super().load_model
+        if observe and getattr(self, RUNTIME_ATTR, None) is None:  # a subclass may call super().load_model
             install_runtime(self, config)
         return result
 
@@ -180,7 +116,7 @@ def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
 
 def _check_runner_observed(worker: Any) -> None:
     runner = getattr(worker, "model_runner", None)
-    if getattr(runner, _RUNTIME_ATTR, None) is None:
+    if getattr(runner, RUNTIME_ATTR, None) is None:
         raise ConfigError(
             f"sinkguard: the worker's model runner {type(runner).__module__}.{type(runner).__name__} loaded the "
             "model without sinkguard's detector (a runner class sinkguard does not wrap), so requests would be "
@@ -189,7 +125,7 @@ def _check_runner_observed(worker: Any) -> None:
 
 
 def _check_op_called(worker: Any) -> None:
-    runtime = _runtime_of(worker)
+    runtime = runtime_of(worker)
     if runtime is not None and runtime.compiled and runtime.layer_calls == 0:
         raise ConfigError(
             "sinkguard: the compiled model ran its warm-up without calling sinkguard's layer op, so requests "
@@ -241,45 +177,6 @@ def _import_class(module: str, name: str) -> type | None:
         return None
 
 
-def _runtime_of(worker: Any) -> Any:
-    runner = getattr(worker, "model_runner", None)
-    return getattr(runner, _RUNTIME_ATTR, None)
-
-
-def sinkguard_lookup(self: Any, request_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
-    """Worker RPC: the sink records of the request(s) a client knows by this exact id, events paged."""
-    runtime = _runtime_of(self)
-    return runtime.lookup(request_id, offset, limit) if runtime is not None and runtime.record else []
-
-
-def sinkguard_summaries(self: Any, client_ids: list[str]) -> dict[str, dict[str, Any]]:
-    """Worker RPC: sink and intervention counts of a batch of requests (the A/B log's), by client id."""
-    runtime = _runtime_of(self)
-    return runtime.summaries(client_ids) if runtime is not None and runtime.record else {}
-
-
-def sinkguard_status(self: Any) -> dict[str, Any]:
-    """Worker RPC: whether the detector is installed, and its counters."""
-    runtime = _runtime_of(self)
-    if runtime is not None:
-        return runtime.status()
-    runner = getattr(self, "model_runner", None)
-    return {"runtime": False, "enabled": False, "runner": f"{type(runner).__module__}.{type(runner).__name__}"}
-
-
-def sinkguard_set_detection(self: Any, enabled: bool) -> bool:
-    """Worker RPC: remove or reinstall the layer observers at run time (an A/B of the detector's own
-    cost, or an operator's kill switch). Returns whether they are installed now."""
-    runtime = _runtime_of(self)
-    if runtime is None:
-        return False
-    if enabled and not runtime.installed:
-        runtime.install()
-    elif not enabled and runtime.installed:
-        runtime.remove()
-    return runtime.installed
-
-
 def register() -> None:
     """The entry point. Idempotent (vLLM may call it more than once per process)."""
     config = enabled_config()  # raises ConfigError (naming the field) on a bad config
@@ -300,7 +197,4 @@ def register() -> None:
     for module, name in WORKER_CLASSES:
         if (worker_cls := _import_class(module, name)) is not None:
             _wrap_worker(worker_cls)
-    WorkerBase.sinkguard_lookup = sinkguard_lookup  # type: ignore[attr-defined]
-    WorkerBase.sinkguard_summaries = sinkguard_summaries  # type: ignore[attr-defined]
-    WorkerBase.sinkguard_status = sinkguard_status  # type: ignore[attr-defined]
-    WorkerBase.sinkguard_set_detection = sinkguard_set_detection  # type: ignore[attr-defined]
+    add_worker_rpcs(WorkerBase)

@@ -385,7 +385,7 @@ class RunningServer:
 
 def bearer_headers(extra_args: list[str] | None = None) -> dict[str, str]:
     """Authorization for sinkguard's admin routes: the admin token, else the server's API key."""
-    from sinkguard.engines.vllm.routes import ADMIN_TOKEN_ENV
+    from sinkguard.engines.vllm.access import ADMIN_TOKEN_ENV
 
     token = os.environ.get(ADMIN_TOKEN_ENV)
     args = list(extra_args or [])

@@ -1,98 +1,53 @@
-"""``vllm.endpoint_plugins`` entry point: sinkguard's HTTP surface on vLLM's OpenAI server.
+"""sinkguard's request middleware on vLLM's OpenAI server (installed by ``endpoints.py``).
 
-Opt-in like every endpoint plugin (``VLLM_PLUGINS`` must name ``sinkguard``). Adds
+Every JSON POST body, on any path (completions, chat, responses, messages, whatever vLLM adds;
+under any ``--root-path``), is read and parsed once (:mod:`sinkguard.serving.request_body`), then
+on the parsed request:
 
-- ``GET /sinkguard/requests/{request_id}?offset=&limit=``: the sink record of a request, looked
-  up by the exact ``id`` of its response (``cmpl-...`` / ``chatcmpl-...``) or by the
-  ``X-Request-Id`` the client sent (see :mod:`sinkguard.serving.records` for the grammar); events
-  are paged (at most :data:`MAX_PAGE_EVENTS` per response). Token texts are decoded here with the
-  engine's own tokenizer.
-- ``GET /sinkguard/status`` and ``POST /sinkguard/detection`` (``{"enabled": bool}``): the
-  detector's state in every worker, and the operator's switch (removes or reinstalls the layer
-  observers at run time).
-- arms as model names: every configured policy is listed in ``/v1/models`` as ``<model>:<policy>``
-  (plus ``<model>:none``), and a request for such a name is served by ``<model>`` under that
-  policy, its response tagged ``x-sinkguard-arm`` (``arms.py``);
+- arms as model names: a request for ``<model>:<policy>`` is served by ``<model>`` under that
+  policy, its response tagged ``x-sinkguard-arm`` (``arms.py``); ``/v1/models`` lists every arm;
+- request validation: an invalid ``vllm_xargs.sinkguard_*`` option, or the name of a policy the
+  server does not have, gets HTTP 400 naming it before the request reaches the engine, which keeps
+  serving everyone else;
 - the live A/B experiment of the serve config's ``ab`` section (``ab_traffic.py``): requests that
   select no arm are assigned one, tagged and logged once;
-- a request-validation middleware: an invalid ``vllm_xargs.sinkguard_*`` option in the JSON body
-  of *any* POST (completions, chat, responses, messages, whatever vLLM adds; under any
-  ``--root-path``), or the name of a policy the server does not have, gets HTTP 400 naming it
-  before the request reaches the engine, which keeps serving everyone else.
+- the detector's state (:class:`DetectorState`): a request whose policy will not run (the detector
+  is off) is tagged ``x-sinkguard-applied: false``, or refused (HTTP 503) with
+  ``when_detection_off: refuse``.
 
-Access: vLLM's ``--api-key`` (or ``VLLM_API_KEY``) guards only ``/v1``-style prefixes, so these
-routes check it themselves, the same way (``Authorization: Bearer``, constant-time compare). With
-``SINKGUARD_ADMIN_TOKEN`` set, status and the switch need that token instead, and record lookups
-accept either.
+The body is serialised again only when it was rewritten (an arm routed or assigned).
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
-import os
-import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
-from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from sinkguard.engines.vllm.ab_traffic import ABTraffic, is_generation
 from sinkguard.engines.vllm.arms import ARM_HEADER, route_arm, with_arm_models
 from sinkguard.errors import ConfigError
 from sinkguard.interventions.policy import INLINE_POLICY, NO_POLICY
+from sinkguard.serving.loader import enabled_config, served_policies
 from sinkguard.serving.options import RequestOptions
 from sinkguard.serving.request_body import parse_json_body
 
 logger = logging.getLogger("sinkguard")
-ADMIN_TOKEN_ENV = "SINKGUARD_ADMIN_TOKEN"
 APPLIED_HEADER = "x-sinkguard-applied"  # "false" when the request's policy will not run (the detector is off)
 UNAPPLIED_HEADER = "x-sinkguard-unapplied-reason"
-DEFAULT_PAGE_EVENTS = 256
-MAX_PAGE_EVENTS = 1024
 MAX_VALIDATED_BODY = 64 << 20  # JSON bodies larger than this are left to vLLM's own limits
 
 
-def _error(message: str, status: int) -> JSONResponse:
+def error_response(message: str, status: int) -> JSONResponse:
+    """An error in the OpenAI API's shape."""
     kind = {400: "BadRequestError", 401: "Unauthorized", 404: "NotFoundError"}.get(status, "ServerError")
     return JSONResponse({"error": {"message": message, "type": kind, "param": None, "code": status}},
                         status_code=status)
-
-
-def _digests(tokens: list[str | None]) -> list[bytes]:
-    return [hashlib.sha256(t.encode()).digest() for t in tokens if t]
-
-
-class Access:
-    """Bearer-token checks (vLLM's AuthenticationMiddleware semantics) for sinkguard's routes."""
-
-    def __init__(self, api_keys: list[str | None], admin_token: str | None) -> None:
-        self.api_keys = _digests(api_keys)
-        self.admin = _digests([admin_token])
-
-    @staticmethod
-    def _matches(request: Request, digests: list[bytes]) -> bool:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        if scheme.lower() != "bearer":
-            return False
-        digest = hashlib.sha256(token.encode()).digest()
-        found = False
-        for expected in digests:  # no early exit: constant time in the number of keys
-            found |= secrets.compare_digest(digest, expected)
-        return found
-
-    def may_read_records(self, request: Request) -> bool:
-        if not self.api_keys and not self.admin:
-            return True
-        return self._matches(request, self.api_keys + self.admin)
-
-    def may_administer(self, request: Request) -> bool:
-        digests = self.admin or self.api_keys
-        return not digests or self._matches(request, digests)
 
 
 def _is_json(scope: dict) -> bool:
@@ -155,6 +110,15 @@ class DetectorState:
             self._refresh = None
 
 
+class ServerState(Protocol):
+    """What the middleware reads of the endpoint plugin (``endpoints.SinkguardEndpoints``)."""
+
+    engine_client: Any  # None: no engine behind the server (unit tests)
+    served_models: tuple[str, ...]
+    detector: DetectorState
+    when_detection_off: str
+
+
 class RequestOptionsMiddleware:
     """Pure ASGI middleware (streaming responses pass through untouched). Every JSON POST body is
     parsed once and bounded (:mod:`sinkguard.serving.request_body`); on the parsed request it
@@ -163,7 +127,7 @@ class RequestOptionsMiddleware:
     whether the request's policy will run (``x-sinkguard-applied``). Responses of routed requests
     are tagged with ``x-sinkguard-arm``; ``/v1/models`` lists the arms."""
 
-    def __init__(self, app: Any, endpoints: SinkguardEndpoints | None = None) -> None:
+    def __init__(self, app: Any, endpoints: ServerState | None = None) -> None:
         self.app = app
         self.endpoints = endpoints
 
@@ -188,10 +152,10 @@ class RequestOptionsMiddleware:
             try:
                 admission = await self._admit(scope, body)
             except ConfigError as exc:
-                await _error(str(exc), 400)(scope, receive, send)
+                await error_response(str(exc), 400)(scope, receive, send)
                 return
             except Unavailable as exc:
-                await _error(str(exc), 503)(scope, receive, send)
+                await error_response(str(exc), 503)(scope, receive, send)
                 return
         if admission.body is not body:  # rewritten: its length changed
             body = admission.body
@@ -249,14 +213,12 @@ class RequestOptionsMiddleware:
     def _traffic(self) -> ABTraffic | None:
         """The server's A/B experiment (None: none configured), built on first use."""
         if not _TRAFFIC:
-            from sinkguard.engines.vllm.plugin import enabled_config
-
             config = enabled_config()
             traffic = None
             if config is not None and config.ab is not None:
                 from sinkguard.core.profile import SinkProfile
 
-                policies, _ = _policies()
+                policies = served_policies().policies
                 endpoints = self.endpoints
                 engine = endpoints.engine_client if endpoints is not None else None
                 rpc = (lambda method, args: engine.collective_rpc(method, args=args)) if engine is not None else None
@@ -285,8 +247,7 @@ def _beginning(traffic: ABTraffic, scope: dict, payload: dict[str, Any], arm: st
 
 
 def _arms() -> list[str]:
-    policies, scope = _policies()
-    return [NO_POLICY, *policies.names] if scope is not None else []  # none without a sinkguard config
+    return served_policies().arms  # none without a sinkguard config
 
 
 def _tagging(send: Any, headers: list[tuple[str, str]]) -> Any:
@@ -334,118 +295,5 @@ def _resolved_policy(payload: dict[str, Any]) -> Any:
     """The policy the request runs under (None without a sinkguard config); ConfigError names a bad
     ``vllm_xargs.sinkguard_*`` option or policy."""
     options = RequestOptions.from_extra_args(payload.get("vllm_xargs"))
-    policies, scope = _policies()
+    policies, scope = served_policies()
     return options.resolved_policy(policies, scope) if scope is not None else None
-
-
-_POLICIES: list[Any] = []
-
-
-def _policies() -> tuple[Any, Any]:
-    """The server's policy set and its model's scope, read once (the same file and code the workers use)."""
-    if not _POLICIES:
-        from sinkguard.core.profile import SinkProfile
-        from sinkguard.engines.vllm.plugin import enabled_config, serve_policies
-        from sinkguard.interventions.policy import ModelScope
-
-        config = enabled_config()
-        scope = ModelScope.from_profile(SinkProfile.load(config.profile)) if config is not None else None
-        _POLICIES.append((serve_policies(config), scope))
-    return _POLICIES[0]
-
-
-def _page(value: str | None, default: int, low: int, high: int, name: str) -> int:
-    if value is None:
-        return default
-    try:
-        number = int(value)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-    if not low <= number <= high:
-        raise ConfigError(f"{name} must be in [{low}, {high}], got {number}")
-    return number
-
-
-class SinkguardEndpoints:
-    """The endpoint plugin object (``EndpointPlugin`` protocol)."""
-
-    name = "sinkguard"
-    required_tasks = ("generate",)
-
-    def __init__(self) -> None:
-        self.engine_client: Any = None
-        self.access = Access([], None)
-        self.served_models: tuple[str, ...] = ()
-        self.detector = DetectorState()
-        self.when_detection_off = "mark"
-
-    def attach_router(self, app: FastAPI) -> None:
-        router = APIRouter(prefix="/sinkguard", tags=["sinkguard"])
-        router.add_api_route("/requests/{request_id}", self.get_request, methods=["GET"])
-        router.add_api_route("/status", self.get_status, methods=["GET"])
-        router.add_api_route("/detection", self.set_detection, methods=["POST"])
-        app.include_router(router)
-        app.add_middleware(RequestOptionsMiddleware, endpoints=self)
-
-    async def init_state(self, engine_client: Any, state: Any, args: Any) -> None:
-        from sinkguard.engines.vllm.plugin import enabled_config
-
-        self.engine_client = engine_client
-        api_keys = list(getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")])
-        self.access = Access(api_keys, os.environ.get(ADMIN_TOKEN_ENV))
-        self.served_models = tuple(getattr(args, "served_model_name", None) or [getattr(args, "model", "")])
-        config = enabled_config()
-        self.when_detection_off = config.when_detection_off if config is not None else "mark"
-
-    def _tokenizer(self) -> Any:
-        try:  # the engine's own (tokenizer mode, revision, trust_remote_code as configured); None if skipped
-            return self.engine_client.tokenizer
-        except Exception:
-            return None
-
-    async def get_request(self, request_id: str, request: Request) -> JSONResponse:
-        if not self.access.may_read_records(request):
-            return _error("Unauthorized", 401)
-        if self.engine_client is None:
-            return _error("sinkguard: no engine behind this server", 503)
-        try:
-            offset = _page(request.query_params.get("offset"), 0, 0, 1 << 31, "offset")
-            limit = _page(request.query_params.get("limit"), DEFAULT_PAGE_EVENTS, 1, MAX_PAGE_EVENTS, "limit")
-        except ConfigError as exc:
-            return _error(str(exc), 400)
-        per_worker = await self.engine_client.collective_rpc("sinkguard_lookup", args=(request_id, offset, limit))
-        records = next((r for r in per_worker if r), [])
-        if not records:
-            return _error(f"sinkguard: no record of request {request_id!r} (ids match exactly; unknown, or "
-                          "evicted from the bounded store of finished requests)", 404)
-        tokenizer = self._tokenizer()
-        for record in records:
-            for event in record["events"]:
-                if tokenizer is not None and event.get("token_id") is not None:
-                    event["token"] = tokenizer.decode([event["token_id"]])
-        return JSONResponse({"request_id": request_id, "requests": records})
-
-    async def get_status(self, request: Request) -> JSONResponse:
-        if not self.access.may_administer(request):
-            return _error("Unauthorized", 401)
-        if self.engine_client is None:
-            return JSONResponse({"enabled": False, "workers": []})
-        per_worker = await self.engine_client.collective_rpc("sinkguard_status")
-        self.detector.note(per_worker)
-        return JSONResponse({"enabled": bool(per_worker) and all(w.get("enabled") for w in per_worker),
-                             "workers": per_worker})
-
-    async def set_detection(self, request: Request) -> JSONResponse:
-        if not self.access.may_administer(request):
-            return _error("Unauthorized", 401)
-        try:
-            enabled = (await request.json())["enabled"]
-            if not isinstance(enabled, bool):
-                raise TypeError
-        except Exception:
-            return _error('body must be {"enabled": true|false}', 400)
-        if self.engine_client is None:
-            return _error("sinkguard: no engine behind this server", 503)
-        per_worker = await self.engine_client.collective_rpc("sinkguard_set_detection", args=(enabled,))
-        self.detector.note(await self.engine_client.collective_rpc("sinkguard_status"))
-        return JSONResponse({"enabled": bool(per_worker) and all(per_worker), "workers": per_worker})
