@@ -14,7 +14,7 @@ eager wrappers call (``VllmSinkRuntime._on_layer``: planned MLP edits, then the 
   op does nothing.
 - On GPU under piecewise CUDA graphs the op must run outside the captured pieces: it is added to
   ``compilation_config.splitting_ops`` (``runtime.py``). Full CUDA graphs replay kernels and no
-  Python: refused in ``settings.py``.
+  Python: refused in ``refusals.py``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ multi-tenant server that merely has sinkguard installed is unchanged. When enabl
 1. validates the config in every process (:mod:`sinkguard.serving.loader`), so a bad field fails
    server start-up naming it;
 2. wraps the model runners' ``load_model``: before the weights load, each worker refuses engine
-   settings under which records would be wrong (``settings.py``); right after, it checks the
+   settings under which records would be wrong (``refusals.py``); right after, it checks the
    profile against the loaded weights and installs
    :class:`~sinkguard.engines.vllm.runtime.VllmSinkRuntime`. vLLM 0.32's V2 runners (GPU and
    CPU) are wrapped only to refuse (the check names what to set);

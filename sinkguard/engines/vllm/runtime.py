@@ -9,7 +9,7 @@ forward context says which rows of the flattened batch belong to which request. 
 :mod:`sinkguard.core.online`; per-request records and their accounting (prefill, decode, recomputed
 after a preemption, a cached prefix read back) are :mod:`sinkguard.serving.accounting`, which this
 module feeds step by step; the fail-open guard is :mod:`sinkguard.serving.faults`; metrics
-:mod:`sinkguard.serving.prometheus`. Engine settings it cannot observe are refused by ``settings.py``.
+:mod:`sinkguard.serving.prometheus`. Engine settings it cannot observe are refused by ``refusals.py``.
 
 A step starts and ends around the runner's ``_model_forward`` (Python outside the model in every
 mode): the step's plan is built before the first layer and the detector reads the step's

