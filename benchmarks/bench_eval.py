@@ -86,7 +86,8 @@ def rates(rounds: list[dict]) -> dict:
 def main() -> None:
     from rich.console import Console
 
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
     from sinkguard.evaluation.datasets import load_multiple_choice
     from sinkguard.evaluation.tasks import Task, multiple_choice_prompt
     from sinkguard.offline.calibration import profile_for_model

@@ -176,7 +176,8 @@ def ratio_of_sums(on: list[dict], off: list[dict], num: str, den: str | None, dr
 def start_server(args: argparse.Namespace, dtype: str, config, workdir: Path, console):
     """Start one server (sinkguard's launch; ``config.enabled`` False keeps the plugin inert: plain vLLM) with
     its own empty vLLM cache folder, so compiled mode compiles from scratch; returns it and its seconds to ready."""
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
     from sinkguard.sources.models import resolve_model
 
     model_dir = resolve_model(None).path

@@ -38,7 +38,8 @@ def cache_use(log: str) -> str:
 
 def start_seconds(sinkguard: bool, mode: str, cache_root: Path, dtype: str) -> tuple[float, str, int]:
     """Seconds to ready, what the start did with the compile cache, per-weight dtype warnings logged."""
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
     from sinkguard.offline.calibration import profile_for_model
     from sinkguard.serving.settings import ServeConfig
     from sinkguard.sources.models import resolve_model

@@ -50,7 +50,8 @@ def policies_for(label: str, forming: bool) -> dict:
 
 
 def run_family(label: str, spec: str | None, args: argparse.Namespace, workdir: Path) -> dict:
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
     from sinkguard.evaluation import build_tasks
     from sinkguard.evaluation.client import ArmClient
     from sinkguard.evaluation.outputs import save_evaluation

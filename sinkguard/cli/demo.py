@@ -104,7 +104,8 @@ DEMO_AB = {"arms": {"none": 1, "act": 1}, "sticky": "user", "seed": 0}
 @contextmanager
 def demo_server(model, profile_path: Path, policies: Path, workdir: Path, console: Console) -> Iterator[Any]:
     """A sinkguard server for the demo's steps 5-7: the profile, the policies and a live A/B experiment."""
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
     from sinkguard.serving.settings import ABConfig, ServeConfig
 
     ab = ABConfig(**DEMO_AB, log=str(workdir / "ab.jsonl"))

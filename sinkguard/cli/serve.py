@@ -32,13 +32,8 @@ def serve(
     1 the server ended on its own (e.g. its engine died) or had to be killed, with one line saying
     why; 2 refused (bad option or vLLM argument, port in use, worker without the detector).
     """
-    from sinkguard.engines.vllm.server import (
-        check_drain_timeout,
-        check_port_free,
-        check_vllm_args,
-        prepare_launch,
-        serve_forever,
-    )
+    from sinkguard.engines.vllm.launch import check_drain_timeout, check_port_free, check_vllm_args, prepare_launch
+    from sinkguard.engines.vllm.server import serve_forever
     from sinkguard.offline.calibration import profile_for_model
     from sinkguard.serving.settings import ServeConfig, load_serve_config
     from sinkguard.sources.models import resolve_model

@@ -71,7 +71,8 @@ def engine_outputs(hf_model, online_prompts, served_profile, policy_file, tmp_pa
 @pytest.fixture(scope="session")
 def server(hf_model, served_profile, policy_file, plain_outputs, engine_outputs, tmp_path_factory):
     """The sinkguard server (started after the offline engines: they would share 2 cores)."""
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
 
     profile_path, _ = served_profile
     config = ServeConfig(profile=str(profile_path), max_finished_requests=512, policies=str(policy_file))

@@ -61,7 +61,8 @@ class Client:
 def experiment(hf_model, served_profile, tmp_path_factory):
     from harness.served_policies import POLICIES
 
-    from sinkguard.engines.vllm.server import RunningServer, free_port, prepare_launch
+    from sinkguard.engines.vllm.launch import free_port, prepare_launch
+    from sinkguard.engines.vllm.server import RunningServer
 
     folder = tmp_path_factory.mktemp("ab")
     ab = AB.model_copy(update={"log": str(folder / "ab.jsonl")})
@@ -204,7 +205,7 @@ def test_a_real_prometheus_scrapes_the_per_arm_metrics(experiment, tmp_path):
     import subprocess
     import urllib.parse
 
-    from sinkguard.engines.vllm.server import free_port
+    from sinkguard.engines.vllm.launch import free_port
 
     binary = shutil.which("prometheus")
     if binary is None:  # a missing Prometheus is a set-up failure, not a reason to pass

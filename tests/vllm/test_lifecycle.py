@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from harness import TESTS
 
-from sinkguard.engines.vllm.server import free_port, http_json
+from sinkguard.engines.vllm.launch import free_port
+from sinkguard.engines.vllm.server import http_json
 from sinkguard.serving.ab import read_log
 from sinkguard.serving.settings import ABConfig, FaultInjection, ServeConfig
 

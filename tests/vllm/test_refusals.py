@@ -19,8 +19,8 @@ import pytest
 from harness import script
 
 from sinkguard.engines.vllm import plugin
+from sinkguard.engines.vllm.launch import ENFORCED_ARGS, prepare_launch
 from sinkguard.engines.vllm.refusals import REFUSALS, check_engine_settings, compiled_mode, refused_settings
-from sinkguard.engines.vllm.server import ENFORCED_ARGS, prepare_launch
 from sinkguard.errors import ConfigError
 from sinkguard.serving.loader import CONFIG_ENV, enabled_config
 from sinkguard.serving.settings import ServeConfig
@@ -155,7 +155,7 @@ def test_refused_forms_are_what_vllms_parser_reads_as_those_options():
     from vllm.entrypoints.launchers.cli_args import make_arg_parser
     from vllm.utils.argparse_utils import FlexibleArgumentParser
 
-    from sinkguard.engines.vllm.server import OWNED_ARGS
+    from sinkguard.engines.vllm.launch import OWNED_ARGS
 
     parser = make_arg_parser(FlexibleArgumentParser())
     options = {option for action in parser._actions for option in action.option_strings}
