@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 from sinkguard.engines.vllm.worker_rpc import RUNTIME_ATTR, add_worker_rpcs, runtime_of
@@ -156,16 +157,54 @@ def _wrap_worker(worker_cls: type) -> None:
     _add_postcondition(worker_cls, "compile_or_warm_up_model", _check_op_called)
 
 
-# (module, class, observed): the runner classes of vLLM 0.32 that load models. V1 runners are
-# observed; V2 runners only checked (the check refuses them by name).
-RUNNER_CLASSES = (
-    ("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", True),
-    ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", True),
-    ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", False),
-    ("vllm.v1.worker.cpu.model_runner", "CPUModelRunner", False),
-)
-# CPU and XPU workers inherit Worker's load_model; the CPU worker has its own compile_or_warm_up_model
-WORKER_CLASSES = (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker"))
+@dataclass(frozen=True)
+class PlatformClasses:
+    """The classes of one vLLM platform that sinkguard wraps. Only the running platform's are imported:
+    importing another platform's worker can change the process (vLLM 0.32's CPU worker replaces
+    ``torch.cuda.Event``, ``Stream``, ``current_stream``, ``Tensor.pin_memory`` and the memory queries
+    process-wide when imported, which on a GPU worker sizes the KV cache from host RAM and breaks
+    CUDA-graph capture and the sampled-token sync)."""
+
+    runners: tuple[tuple[str, str, bool], ...]
+    """(module, class, observed) of every runner class that defines ``load_model``. V1 runners are
+    observed; V2 runners only checked (the check refuses them by name)."""
+    workers: tuple[tuple[str, str], ...]
+    """(module, class) of the workers whose ``load_model`` / ``compile_or_warm_up_model`` get post-conditions."""
+
+
+_GPU_RUNNERS = (("vllm.v1.worker.gpu_model_runner", "GPUModelRunner", True),
+                ("vllm.v1.worker.gpu.model_runner", "GPUModelRunner", False))
+PLATFORM_CLASSES = {
+    # CUDA: vLLM 0.32's GPU worker and runners (verified against the source; see docs/serving.md)
+    "cuda": PlatformClasses(_GPU_RUNNERS, (("vllm.v1.worker.gpu_worker", "Worker"),)),
+    # CPU: the CPU runners subclass the GPU ones; the CPU worker inherits Worker's load_model and has its
+    # own compile_or_warm_up_model
+    "cpu": PlatformClasses(
+        (*_GPU_RUNNERS, ("vllm.v1.worker.cpu_model_runner", "CPUModelRunner", True),
+         ("vllm.v1.worker.cpu.model_runner", "CPUModelRunner", False)),
+        (("vllm.v1.worker.gpu_worker", "Worker"), ("vllm.v1.worker.cpu_worker", "CPUWorker"))),
+}
+
+
+def platform_name() -> str:
+    """The platform vLLM runs on in this process, as a key of :data:`PLATFORM_CLASSES` (or not)."""
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cuda():
+        return "cuda"
+    if current_platform.is_cpu():
+        return "cpu"
+    return str(getattr(current_platform, "device_type", None) or type(current_platform).__name__)
+
+
+def platform_classes(name: str) -> PlatformClasses:
+    """ConfigError for a platform sinkguard has not been verified on (it refuses rather than guess)."""
+    try:
+        return PLATFORM_CLASSES[name]
+    except KeyError:
+        raise ConfigError(f"sinkguard supports vLLM's {' and '.join(sorted(PLATFORM_CLASSES))} platforms; this process "
+                          f"runs on {name!r}, whose workers and runners it has not been checked against. Disable "
+                          "sinkguard (unset SINKGUARD_CONFIG) on this platform.") from None
 
 
 def _import_class(module: str, name: str) -> type | None:
@@ -188,13 +227,16 @@ def register() -> None:
     from sinkguard.engines.vllm.cache_salt import wrap_input_processor
     from sinkguard.engines.vllm.startup import quiet_downcast_warnings
 
-    cpu_seed.install()  # vLLM CPU 0.32 kills the engine on a seeded request prefilled in chunks
+    platform = platform_name()
+    classes = platform_classes(platform)  # before anything is imported or wrapped
+    if platform == "cpu":
+        cpu_seed.install()  # vLLM CPU 0.32 kills the engine on a seeded request prefilled in chunks
     wrap_input_processor(serve_policies(config))  # policies never share prefix-cached KV
     quiet_downcast_warnings()  # float32 model folders served in bfloat16: one line, not a warning per weight
-    for module, name, observed in RUNNER_CLASSES:
+    for module, name, observed in classes.runners:
         if (runner_cls := _import_class(module, name)) is not None:
             _wrap_runner(runner_cls, config, observed)
-    for module, name in WORKER_CLASSES:
+    for module, name in classes.workers:
         if (worker_cls := _import_class(module, name)) is not None:
             _wrap_worker(worker_cls)
     add_worker_rpcs(WorkerBase)
