@@ -227,6 +227,25 @@ def test_full_cuda_graphs_are_refused_by_name(hf_model):
         check_engine_settings(config)
 
 
+def test_breakable_cuda_graphs_are_refused_by_name(hf_model, monkeypatch):
+    """VLLM_USE_BREAKABLE_CUDAGRAPH captures the eager model, Python wrappers included, into CUDA
+    graphs; the CPU platform captures none, so the graph mode is set on a real config object."""
+    from vllm.config import CUDAGraphMode
+
+    setting = "breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH)"
+    for env, mode, refused in (("1", CUDAGraphMode.PIECEWISE, True), ("0", CUDAGraphMode.PIECEWISE, False),
+                               ("1", CUDAGraphMode.NONE, False)):
+        monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", env)
+        config = engine_config(hf_model.source.path, enforce_eager=False)
+        object.__setattr__(config.compilation_config, "cudagraph_mode", mode)
+        assert [rule.setting for rule in refused_settings(config)] == ([setting] if refused else []), (env, mode)
+    monkeypatch.setenv("VLLM_USE_BREAKABLE_CUDAGRAPH", "1")
+    config = engine_config(hf_model.source.path, enforce_eager=False)
+    object.__setattr__(config.compilation_config, "cudagraph_mode", CUDAGraphMode.PIECEWISE)
+    with pytest.raises(ConfigError, match="VLLM_USE_BREAKABLE_CUDAGRAPH=0"):
+        check_engine_settings(config)
+
+
 # Settings vLLM accepts on this CPU machine, passed as engine arguments.
 ACCEPTED_HERE = {
     "speculative decoding": {"speculative_config": {"method": "ngram", "num_speculative_tokens": 2,

@@ -29,11 +29,44 @@ if TYPE_CHECKING:
     from sinkguard.interventions.attention_edits import AttentionEdit
 
 _BASE = 16
+# Attention backends whose per-step metadata carries the request rows' ``block_table`` and ``seq_lens``
+# (read by :meth:`PagedKvReader.read_edits`), checked against vLLM 0.32's metadata classes
+# (tests/unit/test_attention_backends.py). FlashInfer's metadata has neither; other backends are
+# unchecked. Detection and MLP edits never read attention metadata and work on any backend.
+KV_METADATA_BACKENDS = ("CPU_ATTN", "FLASH_ATTN", "TRITON_ATTN")
 
 
-def attention_layers(layers: list[torch.nn.Module]) -> list[tuple[int, Any]]:
+def request_kv_rows(metadata: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block_table [R, max blocks], seq_lens [R])`` of a step's attention metadata, one row per
+    scheduled request (the fields every backend of :data:`KV_METADATA_BACKENDS` carries)."""
+    block_table, seq_lens = getattr(metadata, "block_table", None), getattr(metadata, "seq_lens", None)
+    if not isinstance(block_table, torch.Tensor) or not isinstance(seq_lens, torch.Tensor):
+        raise TypeError(f"{type(metadata).__name__} carries no block_table / seq_lens tensors")
+    return block_table, seq_lens
+
+
+def backend_name(attn: Any) -> str:
+    backend = getattr(attn, "attn_backend", None)
+    return backend.get_name() if backend is not None else type(attn.impl).__name__
+
+
+def check_kv_backend(index: int, attn: Any, reason: str) -> None:
+    """ConfigError, at start-up, when attention edits cannot find a request's KV on this backend."""
+    name = backend_name(attn)
+    if name not in KV_METADATA_BACKENDS:
+        raise ConfigError(
+            f"attention interventions ({reason}) read each request's keys from the paged KV cache through the "
+            f"attention backend's metadata, and sinkguard does not know the metadata of backend {name} (layer "
+            f"{index}); it knows {', '.join(KV_METADATA_BACKENDS)}. Remove attention_redistribution / "
+            "first_token_scaling from those policies, or serve with --attention-backend FLASH_ATTN; detection "
+            "and MLP policies work on any backend")
+
+
+def attention_layers(layers: list[torch.nn.Module], reason: str = "policies that edit attention"
+                     ) -> list[tuple[int, Any]]:
     """Each decoder layer's vLLM attention module (with its :class:`PagedKvReader` attached as
-    ``_sinkguard_reader``), checked for what attention edits can honour."""
+    ``_sinkguard_reader``), checked for what attention edits can honour. ``reason`` names the
+    policies that need them, for the refusal."""
     from vllm.model_executor.layers.attention.attention import Attention
 
     found = []
@@ -43,6 +76,7 @@ def attention_layers(layers: list[torch.nn.Module]) -> list[tuple[int, Any]]:
             raise ConfigError(f"attention interventions: decoder layer {index} has {len(modules)} vLLM attention "
                               "modules, expected one")
         attn = modules[0]
+        check_kv_backend(index, attn, reason)
         impl = attn.impl
         for name, unsupported in (("logits_soft_cap", bool(getattr(impl, "logits_soft_cap", 0) or 0)),
                                   ("sinks", getattr(impl, "sinks", None) is not None),
@@ -83,9 +117,10 @@ class PagedKvReader:
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """:meth:`read` for the requests of attention ``edits`` (``edit.request``: the request's row in the
         step's attention ``metadata``, whose ``block_table`` and ``seq_lens`` say where its tokens are)."""
-        requests = torch.tensor([edit.request for edit in edits], device=metadata.block_table.device)
-        return self.read(kv_cache, metadata.block_table.index_select(0, requests),
-                         metadata.seq_lens.index_select(0, requests.to(metadata.seq_lens.device)), kv_heads)
+        block_table, seq_lens = request_kv_rows(metadata)
+        requests = torch.tensor([edit.request for edit in edits], device=block_table.device)
+        return self.read(kv_cache, block_table.index_select(0, requests),
+                         seq_lens.index_select(0, requests.to(seq_lens.device)), kv_heads)
 
     def read(self, kv_cache: torch.Tensor, block_tables: torch.Tensor, lengths: torch.Tensor,
              kv_heads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

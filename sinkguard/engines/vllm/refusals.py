@@ -42,6 +42,18 @@ def _full_cudagraphs(config: Any) -> bool:
             and hasattr(mode, "has_full_cudagraphs") and mode.has_full_cudagraphs())
 
 
+def _breakable_cudagraphs(config: Any) -> bool:
+    """vLLM's experimental breakable CUDA graphs (``VLLM_USE_BREAKABLE_CUDAGRAPH=1``, switched on by
+    ``VLLM_BATCH_INVARIANT`` too, ``vllm/config/vllm.py``) set compile mode none and capture the eager
+    model, Python wrappers included, into a graph that replays kernels only."""
+    import os
+
+    mode = getattr(config.compilation_config, "cudagraph_mode", None)
+    return (os.environ.get("VLLM_USE_BREAKABLE_CUDAGRAPH", "0") == "1"
+            and not getattr(config.model_config, "enforce_eager", False)
+            and mode is not None and getattr(mode, "name", "NONE") != "NONE")
+
+
 def _kv_connector(config: Any) -> str | None:
     transfer = getattr(config, "kv_transfer_config", None)
     return getattr(transfer, "kv_connector", None) if transfer is not None else None
@@ -52,6 +64,11 @@ REFUSALS: tuple[Refusal, ...] = (
             "a full CUDA graph replays kernels and runs no Python, so sinkguard's per-layer op (detection and "
             "interventions) would not run in the steps it captures (vLLM's GPU default captures decode steps whole)",
             "run piecewise CUDA graphs: -cc.cudagraph_mode=PIECEWISE (`sinkguard serve` sets it on GPU), or "
+            "--enforce-eager"),
+    Refusal("breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH)", _breakable_cudagraphs,
+            "they capture the eager model with sinkguard's Python layer wrappers into a CUDA graph, and a replayed "
+            "graph runs no Python: detection and interventions would silently stop after capture",
+            "set VLLM_USE_BREAKABLE_CUDAGRAPH=0 (and leave VLLM_BATCH_INVARIANT unset, which switches it on), or "
             "--enforce-eager"),
     Refusal("the V2 model runner", lambda c: bool(getattr(c, "use_v2_model_runner", False)),
             "sinkguard observes vLLM's V1 model runner (its input batch and request states); vLLM 0.32 uses the V2 "
