@@ -7,7 +7,9 @@ Phases run one after the other (each a single ``LLM.generate`` batch), so a late
 that an earlier one left in the prefix cache. With ``$SINKGUARD_CONFIG`` set, every request's sink
 record is read back. OUT.json: per phase, per request ``tokens``, ``logprobs`` (of the generated
 tokens), ``cached`` (vLLM's own count of prompt tokens served from its prefix cache) and ``record``;
-plus the workers' ``status``.
+plus the workers' ``status`` and ``layout_check``: every step's batch layout as sinkguard reads it from the
+runner's host structures (``batch_layout.py``), compared with the positions the runner hands the model and
+the row offsets of its attention metadata.
 """
 
 from __future__ import annotations
@@ -16,14 +18,50 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
+
+
+def check_layouts(worker: Any) -> None:
+    """In the worker: wrap the runner's ``_model_forward`` (outside sinkguard's own wrapper)."""
+    import numpy as np
+    from vllm.forward_context import get_forward_context
+
+    from sinkguard.engines.vllm.batch_layout import read_batch_layout
+
+    runner = worker.model_runner
+    inner = runner._model_forward
+    counts = {"steps": 0, "tokens": 0, "mismatches": []}
+
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        layout = read_batch_layout(runner)
+        metadata = next(iter(get_forward_context().attn_metadata.values()))
+        given = kwargs["positions"][:layout.num_tokens].cpu().numpy()
+        rows = metadata.query_start_loc.cpu().numpy()[:len(layout.query_start)]
+        counts["steps"] += 1
+        counts["tokens"] += layout.num_tokens
+        if not (np.array_equal(given, layout.positions) and np.array_equal(rows, layout.query_start)
+                and layout.request_ids == list(runner.input_batch.req_ids)):
+            counts["mismatches"].append({"positions": given.tolist(), "read": layout.positions.tolist()})
+        return inner(*args, **kwargs)
+
+    runner._model_forward = checked
+    worker.layout_check = counts
+
+
+def layout_check(worker: Any) -> dict:
+    return worker.layout_check
+
 
 if __name__ == "__main__":
+    os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the layout check is a function sent to the worker
     from vllm import LLM, SamplingParams
 
     model_dir, plan_path, out_path = sys.argv[1:4]
     plan = json.loads(Path(plan_path).read_text())
     llm = LLM(model=model_dir, **{"max_model_len": 2048, "seed": 0, "dtype": "float32", **plan["engine"]})
     observed = bool(os.environ.get("SINKGUARD_CONFIG"))
+    if observed:
+        llm.collective_rpc(check_layouts)
     out: dict = {"phases": {}}
     for phase in plan["phases"]:
         extra = {"sinkguard_policy": phase["policy"]} if phase.get("policy") else None
@@ -40,4 +78,5 @@ if __name__ == "__main__":
             })
         out["phases"][phase["name"]] = results
     out["status"] = llm.collective_rpc("sinkguard_status")[0] if observed else None
+    out["layout_check"] = llm.collective_rpc(layout_check)[0] if observed else None
     Path(out_path).write_text(json.dumps(out))

@@ -111,6 +111,16 @@ def test_default_mode_runs_the_layer_op_inside_the_compiled_graph(default_mode):
     assert status["prefix_events"]["misses"] == 0
 
 
+@pytest.mark.parametrize("mode", ["default", "eager"])
+def test_batch_layout_from_host_structures_is_what_the_model_runs(default_mode, eager_mode, mode):
+    """The rows, requests and positions sinkguard reads from the runner's host-side structures (no
+    attention metadata, no device tensor) equal the positions the runner hands the model and the
+    attention metadata's row offsets, in every step: prefill chunks, prefix-cache hits, decode."""
+    check = (default_mode if mode == "default" else eager_mode)["layout_check"]
+    assert check["steps"] > 0 and check["tokens"] > check["steps"]
+    assert check["mismatches"] == []
+
+
 def test_greedy_outputs_identical_to_plain_vllm_in_default_mode(default_mode, plain_default_mode):
     ours, plain = default_mode["phases"]["batch"], plain_default_mode["phases"]["batch"]
     assert len(ours) >= 50

@@ -5,7 +5,8 @@ Installed by the plugin after the model runner has loaded the model (see ``plugi
 translates: vLLM's decoder layers return ``(mlp_contribution, residual)`` for every family of
 :mod:`sinkguard.engines.architectures` (on Gemma the contribution is already post-normed, the same tensor
 the transformers adapter hooks), whose sum is the residual stream the paper's detector reads; the
-forward context says which rows of the flattened batch belong to which request. Detection is
+runner's host-side batch structures say which rows of the flattened batch belong to which request, at
+which positions (``batch_layout.py``, the same on every attention backend). Detection is
 :mod:`sinkguard.core.online`; per-request records and their accounting (prefill, decode, recomputed
 after a preemption, a cached prefix read back) are :mod:`sinkguard.serving.accounting`, which this
 module feeds step by step; the fail-open guard is :mod:`sinkguard.serving.faults`; metrics
@@ -37,13 +38,13 @@ import logging
 import time
 from typing import Any
 
-import numpy as np
 import torch
 
 from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
 from sinkguard.core.profile import SinkProfile
 from sinkguard.engines.architectures import contract_for_config, decoder_layers
+from sinkguard.engines.vllm.batch_layout import BatchLayout, read_batch_layout
 from sinkguard.engines.vllm.kv_cache import attention_layers, attention_window
 from sinkguard.engines.vllm.refusals import compiled_mode
 from sinkguard.interventions.attention_edits import SinkMemory
@@ -120,13 +121,11 @@ class VllmSinkRuntime:
         self.injector = FaultInjector(config.fault_injection)
         self.removed_reason: str | None = None  # why the detector is off (removed itself, or switched off)
         self.steps = 0
-        self.unlaid_steps = 0  # steps with attention metadata sinkguard could not map to requests
         self.total_seconds = 0.0  # detector time (observers + detection), all steps
         self._active = False
-        self._num_tokens = 0
-        self._layout: tuple[np.ndarray, list[str]] | None = None
+        self._layout: BatchLayout | None = None
         self._input_ids: torch.Tensor | None = None
-        self._positions: torch.Tensor | None = None
+        self._device = torch.device("cpu")  # the model's, set at install
         self._elapsed = 0.0
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, its previous instance value)
         vllm_config = runner.vllm_config
@@ -153,7 +152,8 @@ class VllmSinkRuntime:
             return
         layers = decoder_layers(self.runner.model)
         # The persistent buffer exists before vLLM measures memory and sizes the KV cache.
-        self.detector.allocate(next(self.runner.model.parameters()).device)
+        self._device = next(self.runner.model.parameters()).device
+        self.detector.allocate(self._device)
         self._wrap(self.runner, "_model_forward", self._stepped_forward(self.runner._model_forward))
         if not self.compiled:
             for index, layer in enumerate(layers):
@@ -161,13 +161,21 @@ class VllmSinkRuntime:
         elif not self._traced_layers:
             self._trace_layers(layers)
         if self.edits_attention:  # only when a configured policy edits attention: otherwise no cost at all
-            for index, attn in attention_layers(layers):
+            for index, attn in attention_layers(layers, self._attention_reason()):
                 self._wrap(attn.impl, "forward", self._edited_attention(index, attn.impl.forward))
         if self.removed_reason is not None:  # reinstalled: requests that started meanwhile ran unobserved
             self.accounting.started_unobserved(self.runner.requests)
         self._enabled = True
         self.removed_reason = None
         self.guard.rearm()
+
+    def _attention_reason(self) -> str:
+        """The policies (or inline specs) that edit attention, as named in a refusal."""
+        names = [p.name for p in self.policies.policies if any(s.family == "attention" for s in p.interventions)]
+        parts = [f"polic{'ies' if len(names) > 1 else 'y'} {', '.join(names)}"] if names else []
+        if self.policies.allow_inline:
+            parts.append("allow_inline (a request may send an attention edit)")
+        return "; ".join(parts)
 
     def _wrap(self, target: Any, attribute: str, replacement: Any) -> None:
         self._wrapped.append((target, attribute, target.__dict__.get(attribute)))
@@ -215,29 +223,12 @@ class VllmSinkRuntime:
         return self._enabled
 
     # -- observers ----------------------------------------------------------------------------
-    def _batch_layout(self) -> tuple[np.ndarray, list[str]] | None:
-        from vllm.forward_context import get_forward_context, is_forward_context_available
-
-        if not is_forward_context_available():
-            return None
-        metadata = get_forward_context().attn_metadata
-        if not metadata:  # profiling and warm-up runs have no metadata
-            return None
-        if not isinstance(metadata, dict):  # e.g. a list per micro-batch: refused at start-up, never guessed
-            self.unlaid_steps += 1
-            raise TypeError(f"unexpected attention metadata {type(metadata).__name__}; cannot map tokens to requests")
-        first = next(iter(metadata.values()))
-        query_start = first.query_start_loc.cpu().numpy()
-        num_requests = query_start.shape[0] - 1
-        request_ids = list(self.runner.input_batch.req_ids[:num_requests])
-        return query_start, request_ids
-
     def _stepped_forward(self, forward: Any) -> Any:
         """Wrap the runner's ``_model_forward``: a step's plan before the model, its detection after."""
 
         def stepped_forward(*args: Any, **kwargs: Any) -> Any:
             try:
-                self._on_step_start(kwargs.get("positions"))
+                self._on_step_start()
             except Exception as exc:
                 self._fault("step_start", exc)
             output = forward(*args, **kwargs)  # the model's own work: never guarded
@@ -250,35 +241,33 @@ class VllmSinkRuntime:
 
         return stepped_forward
 
-    def _on_step_start(self, positions: torch.Tensor | None) -> None:
+    def _on_step_start(self) -> None:
         start = time.perf_counter()
         self._layout = None
         self._plan = EMPTY_PLAN
         self._active = False
         self.injector.step()
-        layout = self._batch_layout()
-        if layout is None or positions is None:
+        layout = read_batch_layout(self.runner)
+        if layout is None:
             return
         self._active = True
         self._layout = layout
         self.injector.maybe_raise("step_start")
-        self._num_tokens = int(layout[0][-1])
-        self._positions = positions
         self._input_ids = self.runner.input_ids.cpu
         self.accounting.retire_missing(self.runner.requests)
-        self.detector.start(self._num_tokens, positions.device)
+        self.detector.start(layout.num_tokens, self._device)
         self._plan = self._step_plan(layout)
         self._elapsed = time.perf_counter() - start
 
-    def _step_plan(self, layout: tuple[np.ndarray, list[str]]) -> StepPlan:
+    def _step_plan(self, layout: BatchLayout) -> StepPlan:
         """The step's interventions, built before the first layer (a request without a policy costs
         a lookup; a step without any, nothing more)."""
-        query_start, request_ids = layout
+        query_start, request_ids = layout.query_start, layout.request_ids
         records = self.accounting.records(request_ids)
         chosen = [(i, record) for i, record in enumerate(records) if record.interventions_policy is not None]
         if not chosen:
             return EMPTY_PLAN
-        firsts = self._positions[torch.from_numpy(query_start[:-1]).to(self._positions.device)].tolist()
+        firsts = layout.first_positions
         pieces = [RequestSlice(i, int(query_start[i]), int(query_start[i + 1]), int(firsts[i]), record.prompt_tokens,
                                record.interventions_policy, request_ids[i]) for i, record in chosen]
         return build_plan(pieces, self.forming_layers, self.reference_position, len(self.rules))
@@ -297,7 +286,7 @@ class VllmSinkRuntime:
                 self.injector.maybe_raise("layer")
             if not self._plan.empty:  # edits land before the detector reads them
                 self._record_edits(edit_mlp_output(index, mlp_out, self._plan, self.rules[index], self.memory,
-                                                   self.reference_position), self._layout[1])
+                                                   self.reference_position), self._layout.request_ids)
             self.detector.observe(index, mlp_out, residual)
             self._elapsed += time.perf_counter() - start
         except Exception as exc:
@@ -328,7 +317,7 @@ class VllmSinkRuntime:
                     if inject is not None:
                         inject("intervention")
                     self._record_edits(self._attend(index, layer, query, kv_cache, attn_metadata, output),
-                                       self._layout[1])
+                                       self._layout.request_ids)
                     self._elapsed += time.perf_counter() - start
                 except Exception as exc:
                     self._fault("intervention", exc)
@@ -349,10 +338,9 @@ class VllmSinkRuntime:
         start = time.perf_counter()
         self._active = False
         self.injector.maybe_raise("step_end")
-        n = self._num_tokens
-        positions = self._positions[:n].cpu().numpy()
-        events = self.detector.finish(positions)  # None: the step's activations were not usable
-        self.accounting.end_step(*self._layout, positions, events, self._input_ids)
+        layout = self._layout
+        events = self.detector.finish(layout.positions)  # None: the step's activations were not usable
+        self.accounting.end_step(layout.query_start, layout.request_ids, layout.positions, events, self._input_ids)
         self._elapsed += time.perf_counter() - start
         self.steps += 1
         self.total_seconds += self._elapsed
@@ -378,7 +366,7 @@ class VllmSinkRuntime:
     def _mark_unscanned(self) -> None:
         try:  # best effort: the layout itself may be what failed
             if self._layout is not None:
-                self.accounting.unscanned(self._layout[1])
+                self.accounting.unscanned(self._layout.request_ids)
         except Exception:
             pass
 
