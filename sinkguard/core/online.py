@@ -26,6 +26,7 @@ from sinkguard.core.profile import SinkProfile
 from sinkguard.core.settings import DetectorConfig
 from sinkguard.core.trace import (
     LayerStatistics,
+    captured_statistics,
     chunked_layer_statistics,
     pair_statistics,
     stack_layers,
@@ -202,6 +203,15 @@ class StepDetector:
         if stats is None:
             self.unscanned_steps += 1
             return None
+        return self.detect(stats, positions)
+
+    def finish_captured(self, captured: torch.Tensor, positions: np.ndarray) -> list[tuple[int, SinkEvent]]:
+        """:meth:`finish` for a step whose statistics the engine captured inside its model, ``[L, N, 4]``
+        (:func:`~sinkguard.core.trace.captured_statistics`): no :meth:`start` / :meth:`observe` then."""
+        return self.detect(captured_statistics(captured), positions)
+
+    def detect(self, stats: dict[str, np.ndarray], positions: np.ndarray) -> list[tuple[int, SinkEvent]]:
+        """The step's events from its statistics (``[L, N]`` norms, ``[1, L, N]`` cosines)."""
         positions = np.asarray(positions)
         columns = np.arange(positions.shape[0])
         events = detect_columns(

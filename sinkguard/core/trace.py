@@ -141,3 +141,12 @@ def pair_statistics(pair: torch.Tensor, reference_columns: torch.Tensor) -> dict
     norms = norms.numpy(force=True)
     return {"hidden_norm": norms[:, 1], "hidden_cos": cosines[None, :, 1], "mlp_norm": norms[:, 0],
             "mlp_cos": cosines[None, :, 0]}
+
+
+def captured_statistics(captured: torch.Tensor) -> dict[str, np.ndarray]:
+    """:func:`pair_statistics`'s layout from statistics an engine captured per layer inside its model,
+    ``[L, T, 4]`` float32 columns (MLP norm, MLP . reference, hidden norm, hidden . reference)."""
+    values = captured.numpy(force=True)
+    mlp_norm, mlp_dot, hidden_norm, hidden_dot = (values[..., i] for i in range(4))
+    return {"hidden_norm": hidden_norm, "hidden_cos": (hidden_dot / np.maximum(hidden_norm, 1e-12))[None],
+            "mlp_norm": mlp_norm, "mlp_cos": (mlp_dot / np.maximum(mlp_norm, 1e-12))[None]}

@@ -9,7 +9,7 @@ record is read back. OUT.json: per phase, per request ``tokens``, ``logprobs`` (
 tokens), ``cached`` (vLLM's own count of prompt tokens served from its prefix cache) and ``record``;
 plus the workers' ``status`` and ``layout_check``: every step's batch layout as sinkguard reads it from the
 runner's host structures (``batch_layout.py``), compared with the positions the runner hands the model and
-the row offsets of its attention metadata.
+the row offsets of its attention metadata; and the compiled graph's ``splitting_ops``.
 """
 
 from __future__ import annotations
@@ -52,6 +52,10 @@ def layout_check(worker: Any) -> dict:
     return worker.layout_check
 
 
+def splitting_ops(worker: Any) -> list[str]:
+    return list(worker.model_runner.vllm_config.compilation_config.splitting_ops or [])
+
+
 if __name__ == "__main__":
     os.environ["VLLM_ALLOW_INSECURE_SERIALIZATION"] = "1"  # the layout check is a function sent to the worker
     from vllm import LLM, SamplingParams
@@ -79,4 +83,5 @@ if __name__ == "__main__":
         out["phases"][phase["name"]] = results
     out["status"] = llm.collective_rpc("sinkguard_status")[0] if observed else None
     out["layout_check"] = llm.collective_rpc(layout_check)[0] if observed else None
+    out["splitting_ops"] = llm.collective_rpc(splitting_ops)[0]
     Path(out_path).write_text(json.dumps(out))

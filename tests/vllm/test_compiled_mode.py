@@ -1,9 +1,10 @@
 """sinkguard in vLLM's default mode: torch.compile'd model (Dynamo + Inductor on CPU) and prefix caching.
 
-Three engines run the same fixed program (``tests/harness/mode_program.py``), float32: plain vLLM in default mode,
-sinkguard in default mode, and sinkguard in eager mode without prefix caching (the debugging path,
-the reference for events and interventions). KV blocks of 32 tokens, so the 97-token prompts leave
-whole blocks in the prefix cache.
+Engines run the same fixed program (``tests/harness/mode_program.py``), float32: plain vLLM in default mode,
+sinkguard in default mode with policies configured (the layer op), sinkguard in eager mode without prefix
+caching (the debugging path, the reference for events and interventions), and sinkguard observe-only in
+default mode (statistics captured inside the graph); plus plain vLLM and observe-only sinkguard in bfloat16.
+KV blocks of 32 tokens, so the 97-token prompts leave whole blocks in the prefix cache.
 """
 
 from __future__ import annotations
@@ -98,6 +99,33 @@ def eager_mode(hf_model, online_prompts, shared_prompts, fresh_prompts, mode_con
     return run_program(hf_model.source.path, tmp_path_factory.mktemp("eager-mode"), EAGER_MODE, phases, mode_config)
 
 
+@pytest.fixture(scope="module")
+def observe_config(tmp_path_factory, served_profile) -> Path:
+    path = tmp_path_factory.mktemp("observe-config") / "serve.json"
+    path.write_text(ServeConfig(profile=str(served_profile[0]), metrics=False).model_dump_json())
+    return path
+
+
+@pytest.fixture(scope="module")
+def observe_default_mode(hf_model, online_prompts, shared_prompts, observe_config, tmp_path_factory,
+                         eager_mode) -> dict:
+    """Observe-only sinkguard in default mode: the batch, then the same prompts again (cache hits)."""
+    phases = [batch_phase(online_prompts, shared_prompts),
+              {"name": "again", "prompts": online_prompts[:20], "max_tokens": MAX_TOKENS}]
+    return run_program(hf_model.source.path, tmp_path_factory.mktemp("observe-default"), DEFAULT_MODE, phases,
+                       observe_config)
+
+
+@pytest.fixture(scope="module")
+def bfloat16_default_mode(hf_model, online_prompts, shared_prompts, observe_config, tmp_path_factory,
+                          observe_default_mode) -> dict[str, dict]:
+    """Plain vLLM and observe-only sinkguard, default mode in bfloat16, the same batch."""
+    engine = {**DEFAULT_MODE, "dtype": "bfloat16"}
+    phases = [batch_phase(online_prompts, shared_prompts)]
+    return {name: run_program(hf_model.source.path, tmp_path_factory.mktemp(f"bf16-{name}"), engine, phases, config)
+            for name, config in (("plain", None), ("sinkguard", observe_config))}
+
+
 def events(result: dict) -> list[tuple]:
     return [(e["position"], e["kind"], e["birth_layer"], e["lifetime"], e["token_id"], e["phase"])
             for e in result["record"][0]["events"]]
@@ -169,3 +197,35 @@ def test_policies_never_share_cached_kv(default_mode, policy):
         assert again["tokens"] == original["tokens"]
         assert np.allclose(again["logprobs"], original["logprobs"], atol=1e-4)
         assert events(again) == events(original)
+
+
+def test_observe_only_captures_inside_the_graph_without_splitting_it(observe_default_mode, default_mode):
+    status = observe_default_mode["status"]
+    assert status["compiled"] and status["enabled"] and status["capture"] == "in_graph"
+    assert status["layer_op_calls"] > 0 and status["steps"] > 0  # the capture op ran in the compiled graph
+    assert status["unscanned_steps"] == 0 and not status["faults"]
+    assert not any(op.startswith("sinkguard::") for op in observe_default_mode["splitting_ops"])
+    assert default_mode["status"]["capture"] == "layer_op"  # MLP and tracking policies decide per layer
+
+
+def test_observe_only_in_graph_events_equal_the_eager_path(observe_default_mode, eager_mode, plain_default_mode):
+    ours, eager = observe_default_mode["phases"]["batch"], eager_mode["phases"]["batch"]
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain_default_mode["phases"]["batch"]]
+    assert sum(len(events(r)) for r in ours) > len(ours)  # sinks were found, not only the first token
+    for result, reference in zip(ours, eager):
+        record = result["record"][0]
+        assert record["cached_prefix_tokens"] == result["cached"]
+        assert record["tokens_scanned"]["prefill"] == record["prompt_tokens"] - result["cached"]
+        assert events(result) == events(reference)
+    for again, first in zip(observe_default_mode["phases"]["again"], ours[:20]):
+        assert again["cached"] == 3 * BLOCK and events(again) == events(first)
+
+
+def test_bfloat16_observe_only_outputs_identical_to_plain_vllm(bfloat16_default_mode):
+    """Observe-only must not change a single token in bfloat16 either: the in-graph capture only reads
+    the layer outputs with fusable ops, so Inductor rounds the residual stream where plain vLLM does."""
+    plain = bfloat16_default_mode["plain"]["phases"]["batch"]
+    ours = bfloat16_default_mode["sinkguard"]["phases"]["batch"]
+    assert len(ours) >= 50 and bfloat16_default_mode["sinkguard"]["status"]["capture"] == "in_graph"
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain]
+    assert sum(len(events(r)) for r in ours) > len(ours)

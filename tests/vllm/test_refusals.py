@@ -19,7 +19,7 @@ import pytest
 from harness import script
 
 from sinkguard.engines.vllm import plugin
-from sinkguard.engines.vllm.launch import ENFORCED_ARGS, prepare_launch
+from sinkguard.engines.vllm.launch import ENFORCED_ARGS, PIECEWISE_CUDA_GRAPHS, gpu_compilation_args, prepare_launch
 from sinkguard.engines.vllm.refusals import REFUSALS, check_engine_settings, compiled_mode, refused_settings
 from sinkguard.errors import ConfigError
 from sinkguard.serving.loader import CONFIG_ENV, enabled_config
@@ -225,6 +225,28 @@ def test_full_cuda_graphs_are_refused_by_name(hf_model):
         config = engine_config(hf_model.source.path, enforce_eager=False)
         object.__setattr__(config.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
         check_engine_settings(config)
+
+
+def test_full_cuda_graphs_are_kept_for_an_observe_only_compiled_server(hf_model):
+    """Observe-only, the compiled model runs no Python (statistics captured in the graph): vLLM's GPU
+    default stays. A policy that edits runs Python inside the model: refused, naming it; `sinkguard
+    serve` then passes piecewise CUDA graphs unless the user configured compilation."""
+    from vllm.config import CUDAGraphMode
+
+    config = engine_config(hf_model.source.path, enforce_eager=False)
+    object.__setattr__(config.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL_AND_PIECEWISE)
+    assert refused_settings(config, python_in_model=[]) == []
+    check_engine_settings(config, python_in_model=[])
+    with pytest.raises(ConfigError, match="full CUDA graph.* remove, act run Python inside the model"):
+        check_engine_settings(config, python_in_model=["remove", "act"])
+    assert gpu_compilation_args([], []) == []
+    assert gpu_compilation_args(["remove"], []) == list(PIECEWISE_CUDA_GRAPHS)
+    assert gpu_compilation_args(["remove"], ["-cc.cudagraph_mode=FULL"]) == []  # the user's choice, checked
+    eager_capture = engine_config(hf_model.source.path, enforce_eager=False)  # graphs of the uncompiled model
+    object.__setattr__(eager_capture.compilation_config, "mode", 0)
+    object.__setattr__(eager_capture.compilation_config, "cudagraph_mode", CUDAGraphMode.FULL)
+    assert [r.setting for r in refused_settings(eager_capture, python_in_model=[])] == [
+        "full CUDA graphs (compilation_config.cudagraph_mode)"]
 
 
 def test_breakable_cuda_graphs_are_refused_by_name(hf_model, monkeypatch):

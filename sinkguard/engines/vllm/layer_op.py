@@ -1,12 +1,26 @@
-"""``sinkguard::layer_output``: the registered op through which a compiled vLLM model hands each
-decoder layer's MLP output and residual to sinkguard.
+"""The registered ops through which a compiled vLLM model hands each decoder layer's activations to
+sinkguard. Two placements, chosen when the model is traced (``runtime.py``):
 
-Python wrapped around a decoder layer is traced once by torch.compile and frozen; a registered op
-is not: Dynamo records the call, Inductor emits a call to the op, and the op's implementation runs
-at every forward with the step's live tensors. So the compiled graph calls the same handler the
-eager wrappers call (``VllmSinkRuntime._on_layer``: planned MLP edits, then the detector's capture).
+- **In-graph capture** (observe-only servers and attention-only policies without sink tracking):
+  :func:`capturing_layer` computes the detector's four per-token statistics (MLP output norm and its
+  dot product with the layer's sink direction, the same for the layer's output hidden state) with
+  plain tensor ops that Inductor fuses into the compiled graph, and ``sinkguard::capture_statistics``
+  copies them into the layer's persistent ``[T, 4]`` buffer (a module buffer: a graph input the op
+  mutates, which keeps it in the graph). No Python runs between layers, nothing splits
+  the graph, and the model's own tensors are only read by fusable ops: the graph rounds the bfloat16
+  residual stream exactly where plain vLLM's does (an opaque op reading the layer outputs made Inductor
+  materialise them, which changed bfloat16 outputs). Under CUDA graphs the copy is captured with the
+  buffer's fixed address and replays with the graph.
+- **The layer op** ``sinkguard::layer_output`` (policies that edit MLP outputs or track sinks, which
+  decide per step in Python): Python wrapped around a decoder layer is traced once by torch.compile
+  and frozen; a registered op is not: Dynamo records the call, Inductor emits a call to the op, and
+  the op's implementation runs at every forward with the step's live tensors. So the compiled graph
+  calls the same handler the eager wrappers call (``VllmSinkRuntime._on_layer``: planned MLP edits,
+  then the detector's capture). Being opaque, it changes where Inductor rounds bfloat16 activations.
 
-- The op declares that it mutates ``mlp_out`` (MLP interventions edit it in place); functionalisation
+Of the layer op:
+
+- It declares that it mutates ``mlp_out`` (MLP interventions edit it in place); functionalisation
   therefore orders every later reader of the layer's output after it, and the op cannot be
   dead-code eliminated although it returns nothing.
 - One process holds one handler (one model per vLLM worker); without one (sinkguard switched off at
@@ -27,11 +41,17 @@ import torch
 OP_NAMESPACE = "sinkguard"
 OP_NAME = "layer_output"
 QUALIFIED_NAME = f"{OP_NAMESPACE}::{OP_NAME}"
+CAPTURE_NAME = "capture_statistics"
+QUALIFIED_CAPTURE_NAME = f"{OP_NAMESPACE}::{CAPTURE_NAME}"
+DIRECTION_BUFFER = "sinkguard_direction"  # each decoder layer's unit sink direction [d] float32
+STATISTICS_BUFFER = "sinkguard_statistics"  # each decoder layer's captured statistics [T, 4] float32
+STATISTICS = ("mlp_norm", "mlp_dot", "hidden_norm", "hidden_dot")  # the capture's columns, in order
 
 LayerHandler = Callable[[int, torch.Tensor, torch.Tensor], None]
 
 _handler: LayerHandler | None = None
 _library: torch.library.Library | None = None
+capture_calls = 0  # op executions in this process (a compiled graph without them is refused after warm-up)
 
 
 def set_handler(handler: LayerHandler | None) -> None:
@@ -48,6 +68,27 @@ def _layer_output(mlp_out: torch.Tensor, residual: torch.Tensor, layer: int) -> 
 
 def _layer_output_fake(mlp_out: torch.Tensor, residual: torch.Tensor, layer: int) -> None:
     return None
+
+
+def _capture_statistics(stats: torch.Tensor, out: torch.Tensor) -> None:
+    global capture_calls
+    capture_calls += 1
+    out[:stats.shape[0]].copy_(stats)
+
+
+def _capture_statistics_fake(stats: torch.Tensor, out: torch.Tensor) -> None:
+    return None
+
+
+def layer_statistics(mlp_out: torch.Tensor, residual: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
+    """``[N, 4]`` float32 (:data:`STATISTICS`) of a layer's MLP output and output hidden state (residual
+    + MLP output) against its unit sink direction ``[d]``: elementwise products and sums only, which
+    Inductor fuses into one reduction over the layer's outputs (no float32 ``[N, d]`` temporaries).
+    The same quantities as :func:`sinkguard.core.trace.pair_statistics`, in float32."""
+    mlp = mlp_out.float()
+    hidden = mlp + residual.float()
+    return torch.stack((mlp.square().sum(-1).sqrt(), (mlp * direction).sum(-1),
+                        hidden.square().sum(-1).sqrt(), (hidden * direction).sum(-1)), dim=-1)
 
 
 def after_layer(forward: Callable[..., Any], index: int, op: Callable[..., None]) -> Callable[..., Any]:
@@ -67,8 +108,26 @@ def after_layer(forward: Callable[..., Any], index: int, op: Callable[..., None]
     return traced_forward
 
 
-def register() -> Callable[..., None]:
-    """Register the op once per process (for the current platform's dispatch key); returns it."""
+def capturing_layer(forward: Callable[..., Any], index: int, op: Callable[..., None]) -> Callable[..., Any]:
+    """A decoder layer's ``forward`` followed by the in-graph capture of its statistics. The layer's sink
+    direction and its statistics buffer are buffers of the layer module (:data:`DIRECTION_BUFFER`,
+    :data:`STATISTICS_BUFFER`): vLLM's compiled graph and its AOT artifact take them as inputs like the
+    weights, and a CUDA graph replays the copy into the buffer's fixed address. ``index`` is unused: the
+    signature matches :func:`after_layer`."""
+    layer = forward.__self__
+
+    def traced_forward(*args: Any, **kwargs: Any) -> Any:
+        output = forward(*args, **kwargs)
+        op(layer_statistics(output[0], output[1], getattr(layer, DIRECTION_BUFFER)), getattr(layer, STATISTICS_BUFFER))
+        return output
+
+    return traced_forward
+
+
+def register() -> tuple[Callable[..., None], Callable[..., None]]:
+    """Register the ops once per process (for the current platform's dispatch key); returns
+    ``(layer_output, capture_statistics)``. The capture op mutates a graph input (the layer's buffer),
+    which keeps it in the graph although it returns nothing."""
     global _library
     if _library is None:
         from vllm.utils.torch_utils import direct_register_custom_op
@@ -76,5 +135,8 @@ def register() -> Callable[..., None]:
         library = torch.library.Library(OP_NAMESPACE, "FRAGMENT")
         direct_register_custom_op(OP_NAME, _layer_output, mutates_args=["mlp_out"], fake_impl=_layer_output_fake,
                                   target_lib=library)
-        _library = library  # the op lives as long as its library object
-    return getattr(getattr(torch.ops, OP_NAMESPACE), OP_NAME)
+        direct_register_custom_op(CAPTURE_NAME, _capture_statistics, mutates_args=["out"],
+                                  fake_impl=_capture_statistics_fake, target_lib=library)
+        _library = library  # the ops live as long as their library object
+    ops = getattr(torch.ops, OP_NAMESPACE)
+    return getattr(ops, OP_NAME), getattr(ops, CAPTURE_NAME)

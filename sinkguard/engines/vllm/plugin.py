@@ -39,14 +39,16 @@ logger = logging.getLogger("sinkguard")
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.core.profile import SinkProfile
+    from sinkguard.engines.vllm.placement import placement, python_in_model
     from sinkguard.engines.vllm.refusals import check_engine_settings, compiled_mode
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
     from sinkguard.interventions.policy import ModelScope, check_scope
 
     vllm_config = runner.vllm_config
-    check_engine_settings(vllm_config)
+    policies = serve_policies(config)
+    check_engine_settings(vllm_config, python_in_model(policies))
     if compiled_mode(vllm_config):
-        mark_compiled_graph(vllm_config)
+        mark_compiled_graph(vllm_config, placement(policies))
     if not (hasattr(runner, "input_batch") and hasattr(runner, "requests")):
         raise ConfigError(f"sinkguard observes vLLM's V1 model runner, not {type(runner).__module__}."
                           f"{type(runner).__name__}: set VLLM_USE_V2_MODEL_RUNNER=0")
@@ -61,7 +63,6 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     info = vllm_model_info(runner.model, vllm_config.model_config.hf_config, profile.model.name,
                            sample_projections=rank == 0)  # other ranks hold other projection slices
     profile.check_model(info)
-    policies = serve_policies(config)
     try:
         check_scope(policies.policies, ModelScope.from_profile(profile), policies.budget)
     except ConfigError as exc:
@@ -74,9 +75,10 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     return runtime
 
 
-def mark_compiled_graph(vllm_config: Any) -> None:
-    """Make vLLM's compile caches (Inductor and AOT artifacts) tell a graph with sinkguard's op from one
-    without: both key on ``VllmConfig.compute_hash``, which covers ``additional_config``. Set in the
+def mark_compiled_graph(vllm_config: Any, placement: str) -> None:
+    """Make vLLM's compile caches (Inductor and AOT artifacts) tell a graph with sinkguard's ops from one
+    without, and one placement (``placement.py``) from the other: both key on ``VllmConfig.compute_hash``,
+    which covers ``additional_config``. Set in the
     worker before the model's first forward, where vLLM compiles. Without it a plain server's cached
     graph could be loaded here and run the model unobserved (caught after warm-up, ``_wrap_worker``).
     Also lets vLLM 0.32 load its AOT artifact on CPU at all (``startup.allow_aot_reload``): without it
@@ -92,7 +94,7 @@ def mark_compiled_graph(vllm_config: Any) -> None:
     if not isinstance(vllm_config.additional_config, dict):
         raise ConfigError("sinkguard: vLLM's additional_config is not a dict on this platform, so a compiled graph "
                           "with sinkguard's op cannot be told apart in the compile cache; run with --enforce-eager")
-    vllm_config.additional_config["sinkguard"] = f"{__version__}:{QUALIFIED_NAME}"
+    vllm_config.additional_config["sinkguard"] = f"{__version__}:{QUALIFIED_NAME}:{placement}"
 
 
 def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
@@ -101,11 +103,14 @@ def _wrap_runner(runner_cls: type, config: ServeConfig, observe: bool) -> None:
     original = runner_cls.__dict__.get("load_model")
     if original is None or getattr(original, "_sinkguard_wrapped", False):
         return
+    from sinkguard.engines.vllm.placement import python_in_model
     from sinkguard.engines.vllm.refusals import check_engine_settings
+
+    in_model = python_in_model(serve_policies(config))
 
     @functools.wraps(original)
     def load_model(self: Any, *args: Any, **kwargs: Any) -> Any:
-        check_engine_settings(self.vllm_config)  # before minutes of weight loading
+        check_engine_settings(self.vllm_config, in_model)  # before minutes of weight loading
         result = original(self, *args, **kwargs)
         if observe and getattr(self, RUNTIME_ATTR, None) is None:  # a subclass may call super().load_model
             install_runtime(self, config)

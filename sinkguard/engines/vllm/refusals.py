@@ -1,7 +1,8 @@
 """Engine settings under which sinkguard's records would be silently wrong, refused at start-up.
 
-vLLM's defaults are accepted: compiled mode (the per-layer work is a registered op inside the
-compiled graph, ``layer_op.py``), piecewise CUDA graphs (the op splits the graph) and prefix caching
+vLLM's defaults are accepted: compiled mode (the per-layer work is inside the compiled graph,
+``layer_op.py``), full CUDA graphs for observe-only servers, piecewise CUDA graphs where a policy runs
+Python inside the model (``placement.py``; the layer op splits the graph) and prefix caching
 (cached blocks keep their events, ``sinkguard.serving.prefix_events``; policies never share cached KV,
 ``cache_salt.py``).
 
@@ -13,7 +14,7 @@ scheduling and the V2 model runner are on by default on GPU), not only the flags
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,12 +60,25 @@ def _kv_connector(config: Any) -> str | None:
     return getattr(transfer, "kv_connector", None) if transfer is not None else None
 
 
+FULL_CUDAGRAPHS = "full CUDA graphs (compilation_config.cudagraph_mode)"
+
+
+def full_cudagraph_refusal(python_in_model: Sequence[str] | None) -> Refusal:
+    """Full CUDA graphs replay kernels and no Python. An observe-only compiled model runs none inside it
+    (``placement.py``: the statistics are captured in-graph), so only what runs Python there is refused:
+    ``python_in_model`` names it (None: not known, refused as if something did)."""
+    who = ", ".join(python_in_model) if python_in_model else "sinkguard's eager layer wrappers"
+    return Refusal(
+        FULL_CUDAGRAPHS,
+        lambda c: _full_cudagraphs(c) and (python_in_model is None or bool(python_in_model) or not compiled_mode(c)),
+        f"a full CUDA graph replays kernels and runs no Python, and {who} run Python inside the model (MLP edits and "
+        "sink tracking in sinkguard's layer op, attention edits around the attention kernel): they would not run in "
+        "the steps it captures (vLLM's GPU default captures decode steps whole)",
+        "serve policies that edit with piecewise CUDA graphs: -cc.cudagraph_mode=PIECEWISE (`sinkguard serve` sets "
+        "it on GPU when a policy needs it), or --enforce-eager; an observe-only compiled server runs full CUDA graphs")
+
+
 REFUSALS: tuple[Refusal, ...] = (
-    Refusal("full CUDA graphs (compilation_config.cudagraph_mode)", _full_cudagraphs,
-            "a full CUDA graph replays kernels and runs no Python, so sinkguard's per-layer op (detection and "
-            "interventions) would not run in the steps it captures (vLLM's GPU default captures decode steps whole)",
-            "run piecewise CUDA graphs: -cc.cudagraph_mode=PIECEWISE (`sinkguard serve` sets it on GPU), or "
-            "--enforce-eager"),
     Refusal("breakable CUDA graphs (VLLM_USE_BREAKABLE_CUDAGRAPH)", _breakable_cudagraphs,
             "they capture the eager model with sinkguard's Python layer wrappers into a CUDA graph, and a replayed "
             "graph runs no Python: detection and interventions would silently stop after capture",
@@ -103,14 +117,16 @@ REFUSALS: tuple[Refusal, ...] = (
 )
 
 
-def refused_settings(vllm_config: Any) -> list[Refusal]:
-    """The rules ``vllm_config`` breaks."""
-    return [rule for rule in REFUSALS if rule.applies(vllm_config)]
+def refused_settings(vllm_config: Any, python_in_model: Sequence[str] | None = None) -> list[Refusal]:
+    """The rules ``vllm_config`` breaks; ``python_in_model``: the configured policies that run Python inside
+    the model (``placement.python_in_model``; None: unknown)."""
+    rules = (full_cudagraph_refusal(python_in_model), *REFUSALS)
+    return [rule for rule in rules if rule.applies(vllm_config)]
 
 
-def check_engine_settings(vllm_config: Any) -> None:
+def check_engine_settings(vllm_config: Any, python_in_model: Sequence[str] | None = None) -> None:
     """Raise :class:`ConfigError` naming every setting that would make sinkguard's records wrong."""
-    broken = refused_settings(vllm_config)
+    broken = refused_settings(vllm_config, python_in_model)
     if broken:
         raise ConfigError("sinkguard cannot observe this engine: " + "; ".join(
             f"[{rule.setting}] {rule.why}: {rule.fix}" for rule in broken

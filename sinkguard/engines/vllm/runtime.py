@@ -21,10 +21,12 @@ captures after the last. In between, each decoder layer hands its MLP output and
   attribute, removed again by :meth:`VllmSinkRuntime.remove`) rather than a forward hook: with a
   hook installed, PyTorch takes the slow path of ``Module.__call__`` (~1.4% of a decode step here,
   against ~0.4% for a wrapper);
-- compiled (vLLM's default), through the registered op ``sinkguard::layer_output``
-  (``layer_op.py``): the wrapper is installed before vLLM compiles the model, so Dynamo traces the
-  op call into the graph, and the op runs the handler at every forward. Inductor reuses
-  intermediate buffers, so the detector captures by copy (never by reference) in this mode.
+- compiled (vLLM's default), placed by ``placement.py`` before vLLM compiles the model (the wrappers
+  are installed first, so Dynamo traces them into the graph): observe-only, the statistics are
+  computed in the graph and copied into a persistent buffer that the step's end reads (no Python
+  between layers; the graph rounds bfloat16 as plain vLLM's does); with policies that decide per
+  layer, the registered op ``sinkguard::layer_output`` runs the handler at every forward. Inductor
+  reuses intermediate buffers, so the handler captures by copy (never by reference) in that mode.
 
 Attention edits wrap the attention implementation's ``forward``, which vLLM calls from its own
 opaque attention op at run time in both modes (on GPU a splitting op, outside CUDA graphs); the
@@ -46,7 +48,9 @@ from sinkguard.core.profile import SinkProfile
 from sinkguard.engines.architectures import contract_for_config, decoder_layers
 from sinkguard.engines.vllm.batch_layout import BatchLayout, read_batch_layout
 from sinkguard.engines.vllm.kv_cache import attention_layers, attention_window
+from sinkguard.engines.vllm.placement import placement
 from sinkguard.engines.vllm.refusals import compiled_mode
+from sinkguard.errors import ConfigError
 from sinkguard.interventions.attention_edits import SinkMemory
 from sinkguard.interventions.plan import (
     EMPTY_PLAN,
@@ -130,9 +134,17 @@ class VllmSinkRuntime:
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, its previous instance value)
         vllm_config = runner.vllm_config
         self.compiled = compiled_mode(vllm_config)
+        # eager: Python wrappers; in_graph / layer_op: where the compiled model does the per-layer work
+        self.placement = placement(self.policies) if self.compiled else "eager"
+        self._capture: list[torch.Tensor] | None = None  # in_graph: per layer [max tokens per step, 4] float32
+        self._handler_calls = 0
+        if self.placement == "in_graph" and self.injector.injection is not None \
+                and self.injector.injection.stage == "layer":
+            raise ConfigError("fault_injection.stage 'layer' needs Python between decoder layers, and this compiled "
+                              "server without MLP or tracking policies runs none there (its statistics are captured "
+                              "inside the graph): inject at step_start or step_end, or run with --enforce-eager")
         self._traced_layers = False  # compiled mode: the layers' op calls are part of the graph for good
         self._enabled = False
-        self.layer_calls = 0  # op calls seen (compiled mode): a graph without them is refused after warm-up
         prefix = None
         if getattr(vllm_config.cache_config, "enable_prefix_caching", False):
             store = PrefixEventStore(int(vllm_config.cache_config.block_size), config.prefix_event_blocks)
@@ -153,7 +165,12 @@ class VllmSinkRuntime:
         layers = decoder_layers(self.runner.model)
         # The persistent buffer exists before vLLM measures memory and sizes the KV cache.
         self._device = next(self.runner.model.parameters()).device
-        self.detector.allocate(self._device)
+        if self.placement == "in_graph":
+            if self._capture is None:  # never reallocated: a captured CUDA graph writes to their addresses
+                tokens = int(getattr(self.runner, "max_num_tokens", 0) or self.runner.input_ids.cpu.shape[0])
+                self._capture = [torch.zeros(tokens, 4, device=self._device, dtype=torch.float32) for _ in layers]
+        else:
+            self.detector.allocate(self._device)
         self._wrap(self.runner, "_model_forward", self._stepped_forward(self.runner._model_forward))
         if not self.compiled:
             for index, layer in enumerate(layers):
@@ -181,13 +198,31 @@ class VllmSinkRuntime:
         self._wrapped.append((target, attribute, target.__dict__.get(attribute)))
         setattr(target, attribute, replacement)
 
-    def _trace_layers(self, layers: list[torch.nn.Module]) -> None:
-        """Compiled mode: each layer's forward calls the registered op after the layer's own work. The
-        wrapper holds no Python state, so tracing it freezes nothing; it stays for the process's life
-        (the compiled graph calls the op whether or not detection is on; off, the op returns at once)."""
+    @property
+    def layer_calls(self) -> int:
+        """Executions of sinkguard's op in the compiled model (a graph without them is refused after
+        warm-up). Under CUDA graphs the capture op's Python runs at capture only: still above zero."""
         from sinkguard.engines.vllm import layer_op
 
-        op = layer_op.register()
+        return layer_op.capture_calls if self.placement == "in_graph" else self._handler_calls
+
+    def _trace_layers(self, layers: list[torch.nn.Module]) -> None:
+        """Compiled mode: each layer's forward is followed by sinkguard's op (``layer_op.py``). The
+        wrappers hold no Python state, so tracing them freezes nothing; they stay for the process's life
+        (the compiled graph runs them whether or not detection is on; off, the step hooks ignore them)."""
+        from sinkguard.engines.vllm import layer_op
+
+        output_op, capture_op = layer_op.register()
+        if self.placement == "in_graph":
+            for index, layer in enumerate(layers):
+                direction = self.detector.references[index].to(self._device, torch.float32)
+                layer.register_buffer(layer_op.DIRECTION_BUFFER, direction / direction.norm().clamp_min(1e-12),
+                                      persistent=False)
+                layer.register_buffer(layer_op.STATISTICS_BUFFER, self._capture[index], persistent=False)
+                layer.forward = layer_op.capturing_layer(layer.forward, index, capture_op)
+            self._traced_layers = True
+            return
+        op = output_op
         layer_op.set_handler(self._on_op)
         self.detector.zero_copy = False  # Inductor reuses intermediate buffers within a step
         compilation = self.runner.vllm_config.compilation_config
@@ -255,7 +290,8 @@ class VllmSinkRuntime:
         self.injector.maybe_raise("step_start")
         self._input_ids = self.runner.input_ids.cpu
         self.accounting.retire_missing(self.runner.requests)
-        self.detector.start(layout.num_tokens, self._device)
+        if self._capture is None:
+            self.detector.start(layout.num_tokens, self._device)
         self._plan = self._step_plan(layout)
         self._elapsed = time.perf_counter() - start
 
@@ -274,7 +310,7 @@ class VllmSinkRuntime:
 
     def _on_op(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
         """The registered op's handler (compiled mode): counted, so a graph without the op is caught."""
-        self.layer_calls += 1
+        self._handler_calls += 1
         if self._active:
             self._on_layer(index, mlp_out, residual)
 
@@ -339,7 +375,11 @@ class VllmSinkRuntime:
         self._active = False
         self.injector.maybe_raise("step_end")
         layout = self._layout
-        events = self.detector.finish(layout.positions)  # None: the step's activations were not usable
+        if self._capture is not None:  # captured inside the graph
+            n = layout.num_tokens
+            events = self.detector.finish_captured(torch.stack([c[:n] for c in self._capture]), layout.positions)
+        else:
+            events = self.detector.finish(layout.positions)  # None: the step's activations were not usable
         self.accounting.end_step(layout.query_start, layout.request_ids, layout.positions, events, self._input_ids)
         self._elapsed += time.perf_counter() - start
         self.steps += 1
@@ -408,11 +448,13 @@ class VllmSinkRuntime:
             "unscanned_steps": self.detector.unscanned_steps,
             "faults": dict(self.guard.faults),
             "fail_closed": self.guard.fail_closed,
-            "zero_copy_capture": self.detector.zero_copy,
+            "zero_copy_capture": None if self._capture is not None else self.detector.zero_copy,
             "zero_copy_verifications": self.detector.verifications,
-            "persistent_buffer_bytes": self.detector.buffer_bytes,
+            "persistent_buffer_bytes": self.detector.buffer_bytes + (
+                sum(c.numel() * c.element_size() for c in self._capture or ())),
             "detector_seconds": round(self.total_seconds, 6),
             "compiled": self.compiled,
+            "capture": self.placement,
             "layer_op_calls": self.layer_calls,
             "prefix_events": prefix.store.stats() if prefix is not None else None,
         }
