@@ -9,7 +9,8 @@ record is read back. OUT.json: per phase, per request ``tokens``, ``logprobs`` (
 tokens), ``cached`` (vLLM's own count of prompt tokens served from its prefix cache) and ``record``;
 plus the workers' ``status`` and ``layout_check``: every step's batch layout as sinkguard reads it from the
 runner's host structures (``batch_layout.py``), compared with the positions the runner hands the model and
-the row offsets of its attention metadata; and the compiled graph's ``splitting_ops``.
+the row offsets of its attention metadata; ``host_reads``: per step, the reads of device data by the host
+in sinkguard's hooks (``host_reads.py``); and the compiled graph's ``splitting_ops``.
 """
 
 from __future__ import annotations
@@ -52,6 +53,19 @@ def layout_check(worker: Any) -> dict:
     return worker.layout_check
 
 
+def count_host_reads(worker: Any) -> None:
+    """In the worker: count the host reads of device data in sinkguard's hooks, per step (``host_reads.py``)."""
+    from host_reads import count_runtime_reads  # this program's folder leads sys.path, the engine's too
+
+    from sinkguard.engines.vllm.worker_rpc import runtime_of
+
+    worker.host_reads = count_runtime_reads(runtime_of(worker), worker.model_runner)
+
+
+def host_reads(worker: Any) -> list[dict]:
+    return worker.host_reads.steps
+
+
 def splitting_ops(worker: Any) -> list[str]:
     return list(worker.model_runner.vllm_config.compilation_config.splitting_ops or [])
 
@@ -66,6 +80,7 @@ if __name__ == "__main__":
     observed = bool(os.environ.get("SINKGUARD_CONFIG"))
     if observed:
         llm.collective_rpc(check_layouts)
+        llm.collective_rpc(count_host_reads)
     out: dict = {"phases": {}}
     for phase in plan["phases"]:
         extra = {"sinkguard_policy": phase["policy"]} if phase.get("policy") else None
@@ -83,5 +98,6 @@ if __name__ == "__main__":
         out["phases"][phase["name"]] = results
     out["status"] = llm.collective_rpc("sinkguard_status")[0] if observed else None
     out["layout_check"] = llm.collective_rpc(layout_check)[0] if observed else None
+    out["host_reads"] = llm.collective_rpc(host_reads)[0] if observed else None
     out["splitting_ops"] = llm.collective_rpc(splitting_ops)[0]
     Path(out_path).write_text(json.dumps(out))

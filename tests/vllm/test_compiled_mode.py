@@ -229,3 +229,20 @@ def test_bfloat16_observe_only_outputs_identical_to_plain_vllm(bfloat16_default_
     assert len(ours) >= 50 and bfloat16_default_mode["sinkguard"]["status"]["capture"] == "in_graph"
     assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain]
     assert sum(len(events(r)) for r in ours) > len(ours)
+
+
+def decode_steps(steps: list[dict]) -> list[dict]:
+    return [s for s in steps if s["tokens"] == s["requests"]]
+
+
+def test_observe_only_steps_never_read_device_data_on_the_host(observe_default_mode, eager_mode):
+    """In-graph capture queues the statistics' copy to pinned host memory at the step's end and reads it
+    after sampling: not one host read of device data in sinkguard's hooks, in prefill or decode steps
+    (``harness/host_reads.py`` counts item/tolist/numpy/cpu/blocking copies/data-dependent shapes). The
+    eager path reads its statistics back in every step. Deferred reading loses no step: every step the
+    runner ran was accounted (and the events equal the eager path's: the test above)."""
+    after, before = observe_default_mode["host_reads"], eager_mode["host_reads"]
+    assert len(decode_steps(after)) >= 10 and len(after) > len(decode_steps(after))
+    assert [s for s in after if s["reads"]] == []
+    assert min(s["reads"] for s in decode_steps(before)) >= 2  # the statistics' norms and cosines
+    assert observe_default_mode["status"]["steps"] == observe_default_mode["layout_check"]["steps"] == len(after)

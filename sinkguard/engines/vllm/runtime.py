@@ -24,7 +24,9 @@ captures after the last. In between, each decoder layer hands its MLP output and
 - compiled (vLLM's default), placed by ``placement.py`` before vLLM compiles the model (the wrappers
   are installed first, so Dynamo traces them into the graph): observe-only, the statistics are
   computed in the graph and copied into a persistent buffer that the step's end reads (no Python
-  between layers; the graph rounds bfloat16 as plain vLLM's does); with policies that decide per
+  between layers; the graph rounds bfloat16 as plain vLLM's does), and the step's end only queues their
+  copy to the host (``host_copy.py``): they are read after sampling, or before the next step, so the
+  host never waits for the device in the step (:class:`PendingStep`); with policies that decide per
   layer, the registered op ``sinkguard::layer_output`` runs the handler at every forward. Inductor
   reuses intermediate buffers, so the handler captures by copy (never by reference) in that mode.
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import functools
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +50,7 @@ from sinkguard.core.online import StepDetector
 from sinkguard.core.profile import SinkProfile
 from sinkguard.engines.architectures import contract_for_config, decoder_layers
 from sinkguard.engines.vllm.batch_layout import BatchLayout, read_batch_layout
+from sinkguard.engines.vllm.host_copy import HostStaging
 from sinkguard.engines.vllm.kv_cache import attention_layers, attention_window
 from sinkguard.engines.vllm.placement import placement
 from sinkguard.engines.vllm.refusals import compiled_mode
@@ -89,6 +93,15 @@ def vllm_model_info(model: torch.nn.Module, hf_config: Any, name: str, sample_pr
     identity = module_identity(model.named_parameters(), sample_projections=sample_projections)
     architecture = (getattr(hf_config, "architectures", None) or [type(model).__name__])[0]
     return model_info_from_config(hf_config, architecture, name, identity, len(layers))
+
+
+@dataclass(frozen=True)
+class PendingStep:
+    """An in-graph step whose statistics are on their way to the host (``host_copy.py``)."""
+
+    layout: BatchLayout
+    input_ids: torch.Tensor | None  # the runner's host buffer: unchanged until its next step is prepared
+    seconds: float  # detector time spent on the step so far
 
 
 class VllmSinkRuntime:
@@ -137,6 +150,8 @@ class VllmSinkRuntime:
         # eager: Python wrappers; in_graph / layer_op: where the compiled model does the per-layer work
         self.placement = placement(self.policies) if self.compiled else "eager"
         self._capture: list[torch.Tensor] | None = None  # in_graph: per layer [max tokens per step, 4] float32
+        self._staging: HostStaging | None = None  # in_graph: the step's statistics on their way to the host
+        self._pending: PendingStep | None = None  # in_graph: the last step, until its statistics are read
         self._handler_calls = 0
         if self.placement == "in_graph" and self.injector.injection is not None \
                 and self.injector.injection.stage == "layer":
@@ -169,6 +184,11 @@ class VllmSinkRuntime:
             if self._capture is None:  # never reallocated: a captured CUDA graph writes to their addresses
                 tokens = int(getattr(self.runner, "max_num_tokens", 0) or self.runner.input_ids.cpu.shape[0])
                 self._capture = [torch.zeros(tokens, 4, device=self._device, dtype=torch.float32) for _ in layers]
+                self._staging = HostStaging(len(layers), tokens, self._device)
+            # the step's statistics are read once they have landed: after sampling (vLLM's synchronous
+            # scheduling has waited for the device by then), at the latest before the next step
+            self._wrap(self.runner, "sample_tokens", self._sampled(self.runner.sample_tokens))
+            self._wrap(self.runner, "execute_model", self._executed(self.runner.execute_model))
         else:
             self.detector.allocate(self._device)
         self._wrap(self.runner, "_model_forward", self._stepped_forward(self.runner._model_forward))
@@ -242,6 +262,7 @@ class VllmSinkRuntime:
     def remove(self, reason: str = "detection switched off by the operator") -> None:
         """Undo :meth:`install` (compiled mode: the op stays in the graph and does nothing). Requests
         running now, and those that start before a reinstall, lose their policies: their records say so."""
+        self._finish_pending()
         self.accounting.interrupt(reason)
         self.removed_reason = reason
         for target, attribute, previous in reversed(self._wrapped):
@@ -276,7 +297,32 @@ class VllmSinkRuntime:
 
         return stepped_forward
 
+    def _sampled(self, sample_tokens: Any) -> Any:
+        """Wrap the runner's ``sample_tokens``: the step's captured statistics are read after it if they
+        have landed (never waiting: with asynchronous scheduling they are read before the next step)."""
+
+        def sample_then_detect(*args: Any, **kwargs: Any) -> Any:
+            output = sample_tokens(*args, **kwargs)
+            if self._pending is not None:
+                self._finish_pending(wait=False)
+            return output
+
+        return sample_then_detect
+
+    def _executed(self, execute_model: Any) -> Any:
+        """Wrap the runner's ``execute_model``: a step still pending is read before the runner drops the
+        requests that finished in it (their records must take their last step first)."""
+
+        def detect_then_execute(*args: Any, **kwargs: Any) -> Any:
+            if self._pending is not None:
+                self._finish_pending()
+            return execute_model(*args, **kwargs)
+
+        return detect_then_execute
+
     def _on_step_start(self) -> None:
+        if self._pending is not None:  # a runner that stepped without execute_model: read it now
+            self._finish_pending()
         start = time.perf_counter()
         self._layout = None
         self._plan = EMPTY_PLAN
@@ -375,17 +421,36 @@ class VllmSinkRuntime:
         self._active = False
         self.injector.maybe_raise("step_end")
         layout = self._layout
-        if self._capture is not None:  # captured inside the graph
-            n = layout.num_tokens
-            events = self.detector.finish_captured(torch.stack([c[:n] for c in self._capture]), layout.positions)
-        else:
-            events = self.detector.finish(layout.positions)  # None: the step's activations were not usable
-        self.accounting.end_step(layout.query_start, layout.request_ids, layout.positions, events, self._input_ids)
-        self._elapsed += time.perf_counter() - start
+        if self._staging is not None:  # captured inside the graph: read once on the host, not now
+            self._staging.start(self._capture, layout.num_tokens)
+            self._pending = PendingStep(layout, self._input_ids, self._elapsed + time.perf_counter() - start)
+            return
+        events = self.detector.finish(layout.positions)  # None: the step's activations were not usable
+        self._account(layout, events, self._input_ids, self._elapsed + time.perf_counter() - start)
+
+    def _finish_pending(self, wait: bool = True) -> None:
+        """Detect and account the pending in-graph step (``wait`` False: only if its copy has landed)."""
+        pending = self._pending
+        if pending is None or not (wait or self._staging.ready()):
+            return
+        self._pending = None
+        start = time.perf_counter()
+        try:
+            events = self.detector.finish_captured(self._staging.rows(), pending.layout.positions)
+            self._account(pending.layout, events, pending.input_ids, pending.seconds + time.perf_counter() - start)
+        except Exception as exc:
+            self._layout = pending.layout  # the step whose requests go unscanned
+            self._fault("step_end", exc)
+
+    def _account(self, layout: BatchLayout, events: list | None, input_ids: torch.Tensor | None,
+                 seconds: float) -> None:
+        start = time.perf_counter()
+        self.accounting.end_step(layout.query_start, layout.request_ids, layout.positions, events, input_ids)
+        seconds += time.perf_counter() - start
         self.steps += 1
-        self.total_seconds += self._elapsed
+        self.total_seconds += seconds
         if self.metrics is not None:
-            self.metrics.detector_seconds.labels(self.model_name).observe(self._elapsed)
+            self.metrics.detector_seconds.labels(self.model_name).observe(seconds)
 
     # -- faults -------------------------------------------------------------------------------
     def _fault(self, stage: str, exc: Exception) -> None:
@@ -424,14 +489,17 @@ class VllmSinkRuntime:
 
     # -- control plane (collective_rpc) -------------------------------------------------------
     def lookup(self, client_id: str, offset: int = 0, limit: int | None = None) -> list[dict[str, Any]]:
+        self._finish_pending()
         self.accounting.retire_missing(self.runner.requests)
         return self.accounting.tracker.lookup(client_id, offset, limit)
 
     def summaries(self, client_ids: list[str]) -> dict[str, dict[str, Any]]:
+        self._finish_pending()
         self.accounting.retire_missing(self.runner.requests)
         return self.accounting.tracker.summaries(client_ids)
 
     def status(self) -> dict[str, Any]:
+        self._finish_pending()
         tracker, prefix = self.accounting.tracker, self.accounting.prefix
         return {
             "runtime": True,
@@ -451,7 +519,8 @@ class VllmSinkRuntime:
             "zero_copy_capture": None if self._capture is not None else self.detector.zero_copy,
             "zero_copy_verifications": self.detector.verifications,
             "persistent_buffer_bytes": self.detector.buffer_bytes + (
-                sum(c.numel() * c.element_size() for c in self._capture or ())),
+                sum(c.numel() * c.element_size() for c in self._capture or ()))
+                + (self._staging.nbytes if self._staging is not None else 0),
             "detector_seconds": round(self.total_seconds, 6),
             "compiled": self.compiled,
             "capture": self.placement,
