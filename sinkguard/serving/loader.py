@@ -36,6 +36,9 @@ def enabled_config() -> ServeConfig | None:
     config = load_serve_config(path)
     if not config.enabled:
         return None
+    if config.profile is None:
+        raise ConfigError(f"{CONFIG_ENV} ({path}): profile: required when vLLM is launched with the plugin "
+                          "directly (`sinkguard serve` fills it in from --profile or the model's own profile)")
     policies = serve_policies(config)
     if config.ab is not None:
         check_ab(config.ab, [NO_POLICY, *policies.names])

@@ -79,8 +79,10 @@ class ABConfig(StrictModel):
 class ServeConfig(StrictModel):
     """Settings of the vLLM plugin, read once per process from ``$SINKGUARD_CONFIG`` (JSON)."""
 
-    profile: str
-    """Sink profile folder (``sinkguard calibrate`` output) for the served model."""
+    profile: str | None = None
+    """Sink profile folder (``sinkguard calibrate`` output) for the served model. ``sinkguard serve``
+    fills it in when absent (``--profile``, else the model's own profile, calibrated once and cached);
+    vLLM launched directly with the plugin needs it."""
     enabled: bool = True
     """Install the detector (False keeps the plugin inert, e.g. to measure its absence)."""
     max_finished_requests: int = Field(4096, ge=1)

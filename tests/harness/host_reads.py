@@ -86,13 +86,14 @@ class HostReads:
 
     def __init__(self, host: set[int]) -> None:
         self.host = host
-        self.steps: list[dict[str, Any]] = []  # per step: tokens, requests, reads, what they were
+        self.steps: list[dict[str, Any]] = []  # per step: phase, tokens, requests, reads, what they were
+        self.phase = ""  # the caller's name for the steps that follow
 
     def on_host(self, tensor: Any) -> bool:
         return not isinstance(tensor, torch.Tensor) or storage_of(tensor) in self.host
 
     def begin_step(self, tokens: int, requests: int) -> None:
-        self.steps.append({"tokens": tokens, "requests": requests, "reads": 0, "calls": {}})
+        self.steps.append({"phase": self.phase, "tokens": tokens, "requests": requests, "reads": 0, "calls": {}})
 
     def count(self, what: str) -> None:
         if self.steps:

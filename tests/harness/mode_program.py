@@ -66,6 +66,10 @@ def host_reads(worker: Any) -> list[dict]:
     return worker.host_reads.steps
 
 
+def name_phase(worker: Any, name: str) -> None:
+    worker.host_reads.phase = name
+
+
 def splitting_ops(worker: Any) -> list[str]:
     return list(worker.model_runner.vllm_config.compilation_config.splitting_ops or [])
 
@@ -83,6 +87,8 @@ if __name__ == "__main__":
         llm.collective_rpc(count_host_reads)
     out: dict = {"phases": {}}
     for phase in plan["phases"]:
+        if observed:
+            llm.collective_rpc(name_phase, args=(phase["name"],))
         extra = {"sinkguard_policy": phase["policy"]} if phase.get("policy") else None
         params = SamplingParams(temperature=0.0, max_tokens=phase.get("max_tokens", 16), logprobs=0, extra_args=extra)
         outputs = llm.generate([{"prompt_token_ids": p} for p in phase["prompts"]], params, use_tqdm=False)

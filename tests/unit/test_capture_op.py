@@ -1,13 +1,15 @@
 """The in-graph capture (``layer_op.capturing_layer``): a decoder layer wrapped with it compiles whole
 (``torch.compile(fullgraph=True)``: no graph break, no Python between layers), writes the detector's
 statistics into the layer's buffer, and leaves the layer's bfloat16 outputs bit-identical to the
-compiled layers without it. (The opaque layer op, ``after_layer``, does not: on this stack it changed
-the bfloat16 output, the divergence the in-graph capture removes; checked when the test was written,
-not asserted, since it depends on Inductor's fusion choices.)"""
+compiled layers without it, with the edit op on the MLP output too (when it edits nothing). (An opaque
+op that also took the residual, sinkguard's earlier layer op, did not: on this stack it changed the
+bfloat16 output by 0.016; checked when the test was written, not asserted, since it depends on
+Inductor's fusion choices.)"""
 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from sinkguard.core.trace import captured_statistics, pair_statistics
@@ -51,12 +53,12 @@ class Stack(torch.nn.Module):
         return (summed * torch.rsqrt(summed.pow(2).mean(-1, keepdim=True) + 1e-5)).to(hidden.dtype)
 
 
-def with_capture(layer: VllmLikeLayer, seed: int = 1) -> torch.Tensor:
+def with_capture(layer: VllmLikeLayer, seed: int = 1, index: int = 0, edit: bool = False) -> torch.Tensor:
     direction = torch.nn.functional.normalize(torch.randn(D, generator=torch.Generator().manual_seed(seed)), dim=0)
     layer.register_buffer(layer_op.DIRECTION_BUFFER, direction, persistent=False)
     layer.register_buffer(layer_op.STATISTICS_BUFFER, torch.zeros(64, 4), persistent=False)
-    _, capture = layer_op.register()
-    layer.forward = layer_op.capturing_layer(layer.forward, 0, capture)
+    edit_op, capture = layer_op.register()
+    layer.forward = layer_op.capturing_layer(layer.forward, index, capture, edit_op if edit else None)
     return direction
 
 
@@ -81,14 +83,40 @@ def test_layer_with_capture_compiles_whole_and_captures_the_statistics():
     assert np.all(getattr(layer, layer_op.STATISTICS_BUFFER)[TOKENS:].numpy() == 0)  # only the step's rows
 
 
-def test_capture_leaves_compiled_bfloat16_outputs_bit_identical():
+@pytest.mark.parametrize("edit", [False, True], ids=["observe", "with_edit_op"])
+def test_capture_leaves_compiled_bfloat16_outputs_bit_identical(edit):
     torch._dynamo.reset()
+    layer_op.set_handler(None)  # the edit op edits nothing: a request without a policy
     with torch.no_grad():
         expected = torch.compile(Stack(torch.bfloat16), fullgraph=True)(*inputs(torch.bfloat16))
         torch._dynamo.reset()
         captured = Stack(torch.bfloat16)
         for index, layer in enumerate(captured.layers):
-            with_capture(layer, seed=index + 1)
+            with_capture(layer, seed=index + 1, index=index, edit=edit)
         got = torch.compile(captured, fullgraph=True)(*inputs(torch.bfloat16))
     assert torch.equal(got, expected)
     assert all(getattr(layer, layer_op.STATISTICS_BUFFER)[:TOKENS].abs().sum() > 0 for layer in captured.layers)
+
+
+def test_edit_op_runs_python_at_every_call_and_the_capture_reads_its_edit():
+    layer = VllmLikeLayer(torch.float32)
+    with_capture(layer, edit=True, index=3)
+    seen = []
+
+    def handler(index: int, mlp_out: torch.Tensor) -> None:  # an MLP edit: zero the first token's output
+        seen.append(index)
+        mlp_out[0] = 0
+
+    layer_op.set_handler(handler)
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(layer.forward, fullgraph=True)
+        with torch.no_grad():
+            for _ in range(2):
+                mlp_out, _ = compiled(*inputs(torch.float32))
+    finally:
+        layer_op.set_handler(None)
+    assert seen == [3, 3]  # not frozen at trace time
+    assert torch.all(mlp_out[0] == 0) and torch.all(mlp_out[1:].abs().sum(-1) > 0)
+    statistics = getattr(layer, layer_op.STATISTICS_BUFFER)
+    assert statistics[0, 0] == 0 and torch.all(statistics[1:TOKENS, 0] > 0)  # MLP norm after the edit

@@ -117,13 +117,14 @@ def observe_default_mode(hf_model, online_prompts, shared_prompts, observe_confi
 
 
 @pytest.fixture(scope="module")
-def bfloat16_default_mode(hf_model, online_prompts, shared_prompts, observe_config, tmp_path_factory,
+def bfloat16_default_mode(hf_model, online_prompts, shared_prompts, observe_config, mode_config, tmp_path_factory,
                           observe_default_mode) -> dict[str, dict]:
-    """Plain vLLM and observe-only sinkguard, default mode in bfloat16, the same batch."""
+    """Plain vLLM, observe-only sinkguard and sinkguard with MLP and attention policies configured (the
+    batch served ``none``), default mode in bfloat16, the same batch."""
     engine = {**DEFAULT_MODE, "dtype": "bfloat16"}
     phases = [batch_phase(online_prompts, shared_prompts)]
     return {name: run_program(hf_model.source.path, tmp_path_factory.mktemp(f"bf16-{name}"), engine, phases, config)
-            for name, config in (("plain", None), ("sinkguard", observe_config))}
+            for name, config in (("plain", None), ("sinkguard", observe_config), ("policies", mode_config))}
 
 
 def events(result: dict) -> list[tuple]:
@@ -231,18 +232,33 @@ def test_bfloat16_observe_only_outputs_identical_to_plain_vllm(bfloat16_default_
     assert sum(len(events(r)) for r in ours) > len(ours)
 
 
+def test_bfloat16_requests_without_a_policy_match_plain_vllm_on_a_server_with_policies(bfloat16_default_mode):
+    """A server configured with MLP and attention policies runs the edit op in every layer; requests
+    served ``none`` still get plain vLLM's bfloat16 tokens: the op reads the MLP output alone."""
+    plain = bfloat16_default_mode["plain"]["phases"]["batch"]
+    ours = bfloat16_default_mode["policies"]["phases"]["batch"]
+    assert bfloat16_default_mode["policies"]["status"]["capture"] == "layer_op"
+    assert bfloat16_default_mode["policies"]["status"]["layer_op_calls"] > 0
+    assert [r["tokens"] for r in ours] == [r["tokens"] for r in plain]
+    assert all(r["record"][0]["policy"] == "none" and not r["record"][0]["interventions_applied"] for r in ours)
+
+
 def decode_steps(steps: list[dict]) -> list[dict]:
     return [s for s in steps if s["tokens"] == s["requests"]]
 
 
-def test_observe_only_steps_never_read_device_data_on_the_host(observe_default_mode, eager_mode):
+def test_steps_without_policies_never_read_device_data_on_the_host(observe_default_mode, default_mode, eager_mode):
     """In-graph capture queues the statistics' copy to pinned host memory at the step's end and reads it
     after sampling: not one host read of device data in sinkguard's hooks, in prefill or decode steps
-    (``harness/host_reads.py`` counts item/tolist/numpy/cpu/blocking copies/data-dependent shapes). The
-    eager path reads its statistics back in every step. Deferred reading loses no step: every step the
-    runner ran was accounted (and the events equal the eager path's: the test above)."""
+    (``harness/host_reads.py`` counts item/tolist/numpy/cpu/blocking copies/data-dependent shapes), on
+    an observe-only server and on a server with policies for requests served ``none``. The eager path
+    reads its statistics back in every step. Deferred reading loses no step: every step the runner ran
+    was accounted (and the events equal the eager path's: the tests above)."""
     after, before = observe_default_mode["host_reads"], eager_mode["host_reads"]
     assert len(decode_steps(after)) >= 10 and len(after) > len(decode_steps(after))
     assert [s for s in after if s["reads"]] == []
-    assert min(s["reads"] for s in decode_steps(before)) >= 2  # the statistics' norms and cosines
-    assert observe_default_mode["status"]["steps"] == observe_default_mode["layout_check"]["steps"] == len(after)
+    unplanned = [s for s in default_mode["host_reads"] if s["phase"] in ("batch", "none_1", "none_2")]
+    assert len(decode_steps(unplanned)) >= 10 and [s for s in unplanned if s["reads"]] == []
+    assert min(s["reads"] for s in decode_steps(before) if s["phase"] == "batch") >= 2  # norms and cosines
+    for result in (observe_default_mode, default_mode):
+        assert result["status"]["steps"] == result["layout_check"]["steps"] == len(result["host_reads"])

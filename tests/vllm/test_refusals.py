@@ -23,7 +23,7 @@ from sinkguard.engines.vllm.launch import ENFORCED_ARGS, PIECEWISE_CUDA_GRAPHS, 
 from sinkguard.engines.vllm.refusals import REFUSALS, check_engine_settings, compiled_mode, refused_settings
 from sinkguard.errors import ConfigError
 from sinkguard.serving.loader import CONFIG_ENV, enabled_config
-from sinkguard.serving.settings import ServeConfig
+from sinkguard.serving.settings import ServeConfig, load_serve_config
 
 SCRIPT = script("start_engine")
 
@@ -49,6 +49,10 @@ def test_invalid_serve_config_names_the_field(tmp_path, monkeypatch):
         enabled_config()
     path.write_text(json.dumps({"profile": "x", "max_finshed_requests": 5}))
     with pytest.raises(ConfigError, match="max_finshed_requests"):
+        enabled_config()
+    path.write_text(json.dumps({"max_finished_requests": 5}))  # sinkguard serve fills the profile in
+    assert load_serve_config(path).profile is None
+    with pytest.raises(ConfigError, match="profile: required when vLLM is launched with the plugin directly"):
         enabled_config()
     monkeypatch.delenv("SINKGUARD_CONFIG")
     assert enabled_config() is None  # plugin inert without a config

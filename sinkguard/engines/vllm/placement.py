@@ -1,13 +1,15 @@
 """Where sinkguard's per-layer work sits in a compiled vLLM model, decided from the configured policies
 before the model is traced (see ``layer_op.py``):
 
-- ``in_graph``: the detector's statistics are computed inside the compiled graph and copied into a
-  persistent buffer; no Python runs inside the model for detection. Observe-only servers, and
-  servers whose policies only scale first-token attention.
-- ``layer_op``: the opaque layer op calls Python after every decoder layer, because a configured
-  policy decides per step there: MLP edits (which rows, which formation), attention redistribution
-  (it tracks each request's newly formed sinks at the forming layers), or ``allow_inline`` (a request
-  may send either).
+In both, the detector's statistics are computed inside the compiled graph and copied into
+persistent buffers; no Python runs inside the model for detection.
+
+- ``in_graph``: nothing more. Observe-only servers, and servers whose policies only scale
+  first-token attention.
+- ``layer_op``: the opaque edit op calls Python on every decoder layer's MLP output, because a
+  configured policy decides per step there: MLP edits (which rows, which formation), attention
+  redistribution (it tracks each request's newly formed sinks at the forming layers), or
+  ``allow_inline`` (a request may send either).
 
 Attention edits of any kind also run Python inside the model (a wrapper around the attention
 implementation, which vLLM calls from its attention op), so full CUDA graphs, which replay kernels

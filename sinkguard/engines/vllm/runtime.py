@@ -21,14 +21,13 @@ captures after the last. In between, each decoder layer hands its MLP output and
   attribute, removed again by :meth:`VllmSinkRuntime.remove`) rather than a forward hook: with a
   hook installed, PyTorch takes the slow path of ``Module.__call__`` (~1.4% of a decode step here,
   against ~0.4% for a wrapper);
-- compiled (vLLM's default), placed by ``placement.py`` before vLLM compiles the model (the wrappers
-  are installed first, so Dynamo traces them into the graph): observe-only, the statistics are
-  computed in the graph and copied into a persistent buffer that the step's end reads (no Python
-  between layers; the graph rounds bfloat16 as plain vLLM's does), and the step's end only queues their
-  copy to the host (``host_copy.py``): they are read after sampling, or before the next step, so the
-  host never waits for the device in the step (:class:`PendingStep`); with policies that decide per
-  layer, the registered op ``sinkguard::layer_output`` runs the handler at every forward. Inductor
-  reuses intermediate buffers, so the handler captures by copy (never by reference) in that mode.
+- compiled (vLLM's default; ``layer_op.py``, wrappers installed before vLLM compiles the model, so
+  Dynamo traces them into the graph): the statistics are computed in the graph and copied into
+  persistent buffers (no Python between layers for detection; the graph rounds bfloat16 as plain
+  vLLM's does), and the step's end only queues their copy to the host (``host_copy.py``): they are read
+  after sampling, or before the next step, so the host never waits for the device in the step
+  (:class:`PendingStep`). With policies that decide per layer (``placement.py``), the registered op
+  ``sinkguard::edit_mlp`` runs :meth:`VllmSinkRuntime._on_op` on each layer's MLP output first.
 
 Attention edits wrap the attention implementation's ``forward``, which vLLM calls from its own
 opaque attention op at run time in both modes (on GPU a splitting op, outside CUDA graphs); the
@@ -147,11 +146,11 @@ class VllmSinkRuntime:
         self._wrapped: list[tuple[Any, str, Any]] = []  # (object, attribute, its previous instance value)
         vllm_config = runner.vllm_config
         self.compiled = compiled_mode(vllm_config)
-        # eager: Python wrappers; in_graph / layer_op: where the compiled model does the per-layer work
+        # eager: Python wrappers; compiled: statistics captured in the graph, plus the edit op (layer_op)
         self.placement = placement(self.policies) if self.compiled else "eager"
-        self._capture: list[torch.Tensor] | None = None  # in_graph: per layer [max tokens per step, 4] float32
-        self._staging: HostStaging | None = None  # in_graph: the step's statistics on their way to the host
-        self._pending: PendingStep | None = None  # in_graph: the last step, until its statistics are read
+        self._capture: list[torch.Tensor] | None = None  # compiled: per layer [max tokens per step, 4] float32
+        self._staging: HostStaging | None = None  # compiled: the step's statistics on their way to the host
+        self._pending: PendingStep | None = None  # compiled: the last step, until its statistics are read
         self._handler_calls = 0
         if self.placement == "in_graph" and self.injector.injection is not None \
                 and self.injector.injection.stage == "layer":
@@ -180,7 +179,7 @@ class VllmSinkRuntime:
         layers = decoder_layers(self.runner.model)
         # The persistent buffer exists before vLLM measures memory and sizes the KV cache.
         self._device = next(self.runner.model.parameters()).device
-        if self.placement == "in_graph":
+        if self.compiled:
             if self._capture is None:  # never reallocated: a captured CUDA graph writes to their addresses
                 tokens = int(getattr(self.runner, "max_num_tokens", 0) or self.runner.input_ids.cpu.shape[0])
                 self._capture = [torch.zeros(tokens, 4, device=self._device, dtype=torch.float32) for _ in layers]
@@ -220,43 +219,38 @@ class VllmSinkRuntime:
 
     @property
     def layer_calls(self) -> int:
-        """Executions of sinkguard's op in the compiled model (a graph without them is refused after
+        """Executions of sinkguard's ops in the compiled model (a graph without them is refused after
         warm-up). Under CUDA graphs the capture op's Python runs at capture only: still above zero."""
         from sinkguard.engines.vllm import layer_op
 
         return layer_op.capture_calls if self.placement == "in_graph" else self._handler_calls
 
     def _trace_layers(self, layers: list[torch.nn.Module]) -> None:
-        """Compiled mode: each layer's forward is followed by sinkguard's op (``layer_op.py``). The
-        wrappers hold no Python state, so tracing them freezes nothing; they stay for the process's life
-        (the compiled graph runs them whether or not detection is on; off, the step hooks ignore them)."""
+        """Compiled mode: each layer's forward is followed by the in-graph capture and, for policies that
+        decide per layer, the edit op before it (``layer_op.py``). The wrappers hold no Python state, so
+        tracing them freezes nothing; they stay for the process's life (the compiled graph runs them
+        whether or not detection is on; off, the step hooks ignore what they capture)."""
         from sinkguard.engines.vllm import layer_op
 
-        output_op, capture_op = layer_op.register()
-        if self.placement == "in_graph":
-            for index, layer in enumerate(layers):
-                direction = self.detector.references[index].to(self._device, torch.float32)
-                layer.register_buffer(layer_op.DIRECTION_BUFFER, direction / direction.norm().clamp_min(1e-12),
-                                      persistent=False)
-                layer.register_buffer(layer_op.STATISTICS_BUFFER, self._capture[index], persistent=False)
-                layer.forward = layer_op.capturing_layer(layer.forward, index, capture_op)
-            self._traced_layers = True
-            return
-        op = output_op
-        layer_op.set_handler(self._on_op)
-        self.detector.zero_copy = False  # Inductor reuses intermediate buffers within a step
-        compilation = self.runner.vllm_config.compilation_config
-        cudagraphs = getattr(compilation, "cudagraph_mode", None)
-        if cudagraphs is not None and cudagraphs.has_piecewise_cudagraphs():
-            # piecewise CUDA graphs: the op runs Python, so it must split the graph (appended, not replacing
-            # the user's list). A no-op on CPU, which captures no graphs.
-            ops = compilation.splitting_ops if compilation.splitting_ops is not None else []
-            if layer_op.QUALIFIED_NAME not in ops:
-                compilation.splitting_ops = [*ops, layer_op.QUALIFIED_NAME]
+        edit_op, capture_op = layer_op.register()
+        if self.placement == "layer_op":
+            layer_op.set_handler(self._on_op)
+            compilation = self.runner.vllm_config.compilation_config
+            cudagraphs = getattr(compilation, "cudagraph_mode", None)
+            if cudagraphs is not None and cudagraphs.has_piecewise_cudagraphs():
+                # piecewise CUDA graphs: the op runs Python, so it must split the graph (appended, not replacing
+                # the user's list). A no-op on CPU, which captures no graphs.
+                ops = compilation.splitting_ops if compilation.splitting_ops is not None else []
+                if layer_op.QUALIFIED_NAME not in ops:
+                    compilation.splitting_ops = [*ops, layer_op.QUALIFIED_NAME]
+        else:
+            edit_op = None
         for index, layer in enumerate(layers):
-            # the wrapper lives in layer_op.py: Dynamo inlines it, and vLLM's compile cache is invalidated
-            # by any change to a file Dynamo inlined (this one changes often)
-            layer.forward = layer_op.after_layer(layer.forward, index, op)
+            direction = self.detector.references[index].to(self._device, torch.float32)
+            layer.register_buffer(layer_op.DIRECTION_BUFFER, direction / direction.norm().clamp_min(1e-12),
+                                  persistent=False)
+            layer.register_buffer(layer_op.STATISTICS_BUFFER, self._capture[index], persistent=False)
+            layer.forward = layer_op.capturing_layer(layer.forward, index, capture_op, edit_op)
         self._traced_layers = True
 
     def remove(self, reason: str = "detection switched off by the operator") -> None:
@@ -354,14 +348,16 @@ class VllmSinkRuntime:
                                record.interventions_policy, request_ids[i]) for i, record in chosen]
         return build_plan(pieces, self.forming_layers, self.reference_position, len(self.rules))
 
-    def _on_op(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
-        """The registered op's handler (compiled mode): counted, so a graph without the op is caught."""
+    def _on_op(self, index: int, mlp_out: torch.Tensor) -> None:
+        """The edit op's handler (compiled mode): counted, so a graph without the op is caught. The
+        statistics are captured in the graph after it, from the edited output."""
         self._handler_calls += 1
         if self._active:
-            self._on_layer(index, mlp_out, residual)
+            self._on_layer(index, mlp_out)
 
-    def _on_layer(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor) -> None:
-        """One decoder layer's MLP output (edited in place as planned) and residual, ``[N, d]`` each."""
+    def _on_layer(self, index: int, mlp_out: torch.Tensor, residual: torch.Tensor | None = None) -> None:
+        """One decoder layer's MLP output ``[N, d]``, edited in place as planned, and (eager) the residual
+        it is added to, for the detector."""
         try:
             start = time.perf_counter()
             if self.injector.injection is not None:
@@ -369,7 +365,8 @@ class VllmSinkRuntime:
             if not self._plan.empty:  # edits land before the detector reads them
                 self._record_edits(edit_mlp_output(index, mlp_out, self._plan, self.rules[index], self.memory,
                                                    self.reference_position), self._layout.request_ids)
-            self.detector.observe(index, mlp_out, residual)
+            if residual is not None:
+                self.detector.observe(index, mlp_out, residual)
             self._elapsed += time.perf_counter() - start
         except Exception as exc:
             self._fault("layer", exc)
@@ -421,7 +418,7 @@ class VllmSinkRuntime:
         self._active = False
         self.injector.maybe_raise("step_end")
         layout = self._layout
-        if self._staging is not None:  # captured inside the graph: read once on the host, not now
+        if self._staging is not None:  # compiled: captured inside the graph, read once on the host, not now
             self._staging.start(self._capture, layout.num_tokens)
             self._pending = PendingStep(layout, self._input_ids, self._elapsed + time.perf_counter() - start)
             return
@@ -516,7 +513,7 @@ class VllmSinkRuntime:
             "unscanned_steps": self.detector.unscanned_steps,
             "faults": dict(self.guard.faults),
             "fail_closed": self.guard.fail_closed,
-            "zero_copy_capture": None if self._capture is not None else self.detector.zero_copy,
+            "zero_copy_capture": None if self.compiled else self.detector.zero_copy,
             "zero_copy_verifications": self.detector.verifications,
             "persistent_buffer_bytes": self.detector.buffer_bytes + (
                 sum(c.numel() * c.element_size() for c in self._capture or ()))
