@@ -1,11 +1,13 @@
-"""Greedy outputs of sinkguard (observe-only) vs plain vLLM, both in vLLM's default mode, one batch.
+"""Greedy outputs of sinkguard vs plain vLLM, both in vLLM's default mode, one batch.
 
 Both engines are offline vLLM engines (``tests/harness/offline_engine.py``) given the same 50 prompts
 of the built-in text in one ``generate`` call, so the batching is identical; torch.compile and
-prefix caching on. Per dtype: how many of the greedy continuations are identical, and where the
-others first differ.
+prefix caching on. sinkguard observes only, or (``--policies``) serves a policy file whose policies
+the requests do not select (they are served ``none``: the server runs the MLP edit op). Per dtype:
+how many of the greedy continuations are identical, and where the others first differ.
 
     python benchmarks/default_mode_outputs.py --dtype float32 bfloat16
+    python benchmarks/default_mode_outputs.py --dtype float32 bfloat16 --policies benchmarks/policies.yaml
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dtype", nargs="+", default=["float32", "bfloat16"], choices=["float32", "bfloat16"])
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--policies", type=Path, help="serve this policy file (requests select none)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/default_mode_outputs.json"))
     args = parser.parse_args()
     model = HFSinkModel.load(None)
     profile, _ = profile_for_model(None)
     folder = Path(tempfile.mkdtemp(prefix="sinkguard-default-outputs-"))
     config = folder / "serve.json"
-    config.write_text(ServeConfig(profile=str(profile), metrics=False).model_dump_json())
+    policies = str(args.policies.resolve()) if args.policies else None
+    config.write_text(ServeConfig(profile=str(profile), metrics=False, policies=policies).model_dump_json())
     bos = model.tokenizer.bos_token_id
     prompts = [[bos, *p.token_ids] for p in default_prompts(lambda t: model.tokenize(t, add_bos=False), count=50,
                                                            tokens=96)]
@@ -52,8 +56,9 @@ def main() -> None:
                       for x, y in zip(plain["tokens"], ours["tokens"])]
         results[dtype] = {"identical": sum(d is None for d in divergence), "of": len(prompts),
                           "first_divergence": [d for d in divergence if d is not None],
-                          "compiled": ours["status"]["compiled"]}
-        print(f"{dtype}: {results[dtype]['identical']} of {len(prompts)} greedy continuations identical; "
+                          "compiled": ours["status"]["compiled"], "capture": ours["status"]["capture"],
+                          "policies": policies}
+        print(f"{dtype} ({ours['status']['capture']}): {results[dtype]['identical']} of {len(prompts)} greedy continuations identical; "
               f"first differing token at {sorted(results[dtype]['first_divergence'])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
