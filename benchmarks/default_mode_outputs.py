@@ -58,8 +58,9 @@ def main() -> None:
                           "first_divergence": [d for d in divergence if d is not None],
                           "compiled": ours["status"]["compiled"], "capture": ours["status"]["capture"],
                           "policies": policies}
-        print(f"{dtype} ({ours['status']['capture']}): {results[dtype]['identical']} of {len(prompts)} greedy continuations identical; "
-              f"first differing token at {sorted(results[dtype]['first_divergence'])}")
+        result = results[dtype]
+        print(f"{dtype} ({ours['status']['capture']}): {result['identical']} of {len(prompts)} greedy continuations "
+              f"identical; first differing token at {sorted(result['first_divergence'])}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1))
 
