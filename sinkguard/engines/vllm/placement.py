@@ -18,26 +18,31 @@ only, are refused when any policy edits (:func:`python_in_model`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
-from sinkguard.interventions.policy import PolicySet
+from sinkguard.interventions.policy import Policy, PolicySet
 from sinkguard.interventions.specs import AttentionRedistribution
 
 Placement = Literal["in_graph", "layer_op"]
 INLINE = "allow_inline (a request may send any intervention)"
 
 
+def _named(policies: PolicySet, needs: Callable[[Policy], bool]) -> list[str]:
+    """The policies that ``needs`` picks, and ``allow_inline`` (a request may send anything)."""
+    names = [p.name for p in policies.policies if needs(p)]
+    return [*names, INLINE] if policies.allow_inline else names
+
+
 def layer_op_policies(policies: PolicySet) -> list[str]:
     """The policies (and ``allow_inline``) that need the layer op."""
-    names = [p.name for p in policies.policies
-             if any(s.family == "mlp" or isinstance(s, AttentionRedistribution) for s in p.interventions)]
-    return [*names, INLINE] if policies.allow_inline else names
+    return _named(policies, lambda p: any(s.family == "mlp" or isinstance(s, AttentionRedistribution)
+                                          for s in p.interventions))
 
 
 def python_in_model(policies: PolicySet) -> list[str]:
     """The policies (and ``allow_inline``) whose work runs Python inside the model's forward."""
-    names = [p.name for p in policies.policies if p.interventions]
-    return [*names, INLINE] if policies.allow_inline else names
+    return _named(policies, lambda p: bool(p.interventions))
 
 
 def placement(policies: PolicySet) -> Placement:

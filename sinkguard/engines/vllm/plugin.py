@@ -39,16 +39,14 @@ logger = logging.getLogger("sinkguard")
 def install_runtime(runner: Any, config: ServeConfig) -> Any:
     """Check the engine and the profile, then wrap ``runner.model``'s decoder layers with the detector."""
     from sinkguard.core.profile import SinkProfile
-    from sinkguard.engines.vllm.placement import placement, python_in_model
-    from sinkguard.engines.vllm.refusals import check_engine_settings, compiled_mode
+    from sinkguard.engines.vllm.placement import python_in_model
+    from sinkguard.engines.vllm.refusals import check_engine_settings
     from sinkguard.engines.vllm.runtime import VllmSinkRuntime, vllm_model_info
     from sinkguard.interventions.policy import ModelScope, check_scope
 
     vllm_config = runner.vllm_config
     policies = serve_policies(config)
     check_engine_settings(vllm_config, python_in_model(policies))
-    if compiled_mode(vllm_config):
-        mark_compiled_graph(vllm_config, placement(policies))
     if not (hasattr(runner, "input_batch") and hasattr(runner, "requests")):
         raise ConfigError(f"sinkguard observes vLLM's V1 model runner, not {type(runner).__module__}."
                           f"{type(runner).__name__}: set VLLM_USE_V2_MODEL_RUNNER=0")
@@ -68,6 +66,8 @@ def install_runtime(runner: Any, config: ServeConfig) -> Any:
     except ConfigError as exc:
         raise ConfigError(f"policies ({config.policies}): {exc}") from None
     runtime = VllmSinkRuntime(runner, config, profile, record=rank == 0, policies=policies)
+    if runtime.compiled:  # before the model's first forward, where vLLM compiles
+        mark_compiled_graph(vllm_config, runtime.placement)
     runtime.install()
     setattr(runner, RUNTIME_ATTR, runtime)
     logger.info("sinkguard: detector installed (profile %s, window layers %s)", config.profile,

@@ -47,6 +47,7 @@ import torch
 from sinkguard.core.fingerprint import SAMPLE_SIZE, ModelInfo, model_info_from_config, module_identity
 from sinkguard.core.online import StepDetector
 from sinkguard.core.profile import SinkProfile
+from sinkguard.core.trace import unit_rows
 from sinkguard.engines.architectures import contract_for_config, decoder_layers
 from sinkguard.engines.vllm.batch_layout import BatchLayout, read_batch_layout
 from sinkguard.engines.vllm.host_copy import HostStaging
@@ -246,9 +247,8 @@ class VllmSinkRuntime:
         else:
             edit_op = None
         for index, layer in enumerate(layers):
-            direction = self.detector.references[index].to(self._device, torch.float32)
-            layer.register_buffer(layer_op.DIRECTION_BUFFER, direction / direction.norm().clamp_min(1e-12),
-                                  persistent=False)
+            direction = unit_rows(self.detector.references[index].to(self._device, torch.float32))
+            layer.register_buffer(layer_op.DIRECTION_BUFFER, direction, persistent=False)
             layer.register_buffer(layer_op.STATISTICS_BUFFER, self._capture[index], persistent=False)
             layer.forward = layer_op.capturing_layer(layer.forward, index, capture_op, edit_op)
         self._traced_layers = True
@@ -330,7 +330,7 @@ class VllmSinkRuntime:
         self.injector.maybe_raise("step_start")
         self._input_ids = self.runner.input_ids.cpu
         self.accounting.retire_missing(self.runner.requests)
-        if self._capture is None:
+        if not self.compiled:  # compiled: the graph captures the statistics
             self.detector.start(layout.num_tokens, self._device)
         self._plan = self._step_plan(layout)
         self._elapsed = time.perf_counter() - start
@@ -418,7 +418,7 @@ class VllmSinkRuntime:
         self._active = False
         self.injector.maybe_raise("step_end")
         layout = self._layout
-        if self._staging is not None:  # compiled: captured inside the graph, read once on the host, not now
+        if self.compiled:  # captured inside the graph: read once on the host, not now
             self._staging.start(self._capture, layout.num_tokens)
             self._pending = PendingStep(layout, self._input_ids, self._elapsed + time.perf_counter() - start)
             return
